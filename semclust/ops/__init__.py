@@ -1,0 +1,23 @@
+"""The fused-op API: one function per hot path, dispatched to a backend.
+
+Backends: ``torch`` (the reference, any device), ``triton`` (CUDA tensors; CPU only
+under ``TRITON_INTERPRET=1``), ``ext`` (the C++/CUDA extension). The default is the
+fastest backend implementing the op for the tensors' device; force one with
+``SEMCLUST_BACKEND=torch|triton|ext`` or :func:`use_backend`. A forced backend that
+cannot run raises :class:`BackendUnavailable` with the reason.
+"""
+
+from ._dispatch import BackendUnavailable, available_backends, use_backend
+from .assign import assign
+from .balance import balance
+from .center_update import center_update
+from .kmeans import kmeans
+from .knn import knn
+from .reference import AssignResult, BalanceResult, KMeansResult
+from .retrieve import retrieve
+
+__all__ = [
+    "assign", "retrieve", "knn", "center_update", "balance", "kmeans",
+    "use_backend", "available_backends", "BackendUnavailable",
+    "AssignResult", "BalanceResult", "KMeansResult",
+]

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from . import _validate as V
+from .assign import assign
+from .center_update import center_update
+from .reference import KMeansResult, kmeans_pp_init
+
+log = logging.getLogger(__name__)
+
+# Hard assignment through the soft `assign` op: at this temperature the softmax is an
+# argmax for any cosine gap above ~1e-4, and the labels are the argmax either way.
+_HARD_TAU = 1e-2
+
+
+def _objective(x: Tensor, centers: Tensor, labels: Tensor, chunk_size: int) -> Tensor:
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for s in range(0, x.shape[0], chunk_size):
+        xs = x[s : s + chunk_size].float()
+        total += (1.0 - (xs * centers[labels[s : s + chunk_size]].float()).sum(1)).sum().double()
+    return total / x.shape[0]
+
+
+def _reseed_empty(x: Tensor, centers: Tensor, labels: Tensor, counts: Tensor, chunk_size: int) -> Tensor:
+    """Empty clusters take the points worst served by their centres (farthest first)."""
+    empty = torch.nonzero(counts <= 0).flatten()
+    if empty.numel() == 0:
+        return centers
+    dist = torch.cat(
+        [1.0 - (x[s : s + chunk_size].float() * centers[labels[s : s + chunk_size]].float()).sum(1)
+         for s in range(0, x.shape[0], chunk_size)]
+    )
+    far = torch.topk(dist, min(empty.numel(), x.shape[0])).indices
+    centers = centers.clone()
+    centers[empty[: far.numel()]] = x[far].to(centers.dtype)
+    return centers
+
+
+def kmeans(
+    x: Tensor,
+    k: int,
+    iters: int = 100,
+    restarts: int = 3,
+    seed: int = 0,
+    init: str = "k-means++",
+    tol: float = 1e-6,
+    chunk_size: int = 65536,
+) -> KMeansResult:
+    """Spherical k-means (cosine), seeded, best of `restarts` by objective.
+
+    Each Lloyd step is one `assign` pass (labels only) and one `center_update`
+    (segment sums, normalised), so it runs on whichever backend those ops dispatch to.
+    Empty clusters are re-seeded with the farthest points. Stops early when the
+    objective improves by less than `tol`.
+
+    Args:
+        x: [N, D] rows, L2-normalised (normalised here if not).
+        k: clusters, 1 <= k <= N.  init: "k-means++" or "random".
+    Returns:
+        KMeansResult(centers [K, D] float32, labels [N] int64,
+        objective = mean_i (1 - cos(x_i, c_label_i)), lower is better).
+    """
+    V.matrix("x", x)
+    V.count("k", k, 1, x.shape[0], what=f" (cannot make more clusters than the {x.shape[0]} rows)")
+    V.count("iters", iters, 1)
+    V.count("restarts", restarts, 1)
+    if init not in ("k-means++", "random"):
+        raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
+    xf = torch.nn.functional.normalize(x.float(), dim=1)
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    best = None
+    for r in range(restarts):
+        if init == "k-means++":
+            centers = kmeans_pp_init(xf, k, gen, chunk_size)
+        else:
+            centers = xf[torch.randperm(xf.shape[0], generator=gen, device=x.device)[:k]].clone()
+        prev_obj = float("inf")
+        for it in range(iters):
+            labels = assign(xf, centers, _HARD_TAU, chunk_size=chunk_size).labels
+            new, counts = center_update(xf, k, labels=labels)
+            centers = _reseed_empty(xf, new, labels, counts, chunk_size)
+            obj = float(_objective(xf, centers, labels, chunk_size))
+            if prev_obj - obj < tol:
+                break
+            prev_obj = obj
+        labels = assign(xf, centers, _HARD_TAU, chunk_size=chunk_size).labels
+        obj = _objective(xf, centers, labels, chunk_size)
+        log.debug("kmeans restart %d: %d iterations, objective %.6f", r, it + 1, float(obj))
+        if best is None or obj < best.objective:
+            best = KMeansResult(centers, labels, obj)
+    return best

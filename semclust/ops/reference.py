@@ -1,0 +1,176 @@
+"""The ops in plain PyTorch: the definition every kernel is tested against.
+
+Every function here works on any device and dtype (it computes in float32 or better and
+returns the input dtype where a feature vector is returned), is differentiable where its
+public op is, and works in row chunks so its memory is bounded by the chunk: an op never
+forms the N x K, N x W or N x N matrix unless the caller asks for it (`return_probs`).
+Inputs are assumed validated (see `semclust.ops._validate`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+
+class AssignResult(NamedTuple):
+    labels: Tensor  # [N] int64, argmax_k P_ik
+    conf: Tensor  # [N] float, max_k P_ik
+    colsum: Tensor  # [K] float, sum_i P_ik
+    probs: Optional[Tensor]  # [N, K] float, only when asked for
+
+
+class BalanceResult(NamedTuple):
+    marginal: Tensor  # [K], p_bar
+    entropy: Tensor  # [], -sum_k w_k p_bar_k log p_bar_k
+    kl: Tensor  # [], KL(p_bar || uniform) = log K - H(p_bar)
+
+
+class KMeansResult(NamedTuple):
+    centers: Tensor  # [K, D], L2-normalised
+    labels: Tensor  # [N] int64
+    objective: Tensor  # [], mean_i (1 - cos(x_i, c_{label_i})); lower is better
+
+
+def _compute_dtype(*ts: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def assign(x: Tensor, c: Tensor, tau: float, return_probs: bool = False, chunk_size: int = 65536) -> AssignResult:
+    dt = _compute_dtype(x, c)
+    cc = c.to(dt)
+    labels, conf, probs = [], [], []
+    colsum = torch.zeros(c.shape[0], dtype=dt, device=x.device)
+    for s in range(0, x.shape[0], chunk_size):
+        logits = x[s : s + chunk_size].to(dt) @ cc.T / tau
+        # softmax subtracts the row max, so tau = 0.005 (logits ~ 200) cannot overflow
+        p = torch.softmax(logits, dim=1)
+        m, idx = p.max(dim=1)
+        labels.append(idx)
+        conf.append(m)
+        colsum = colsum + p.sum(0)
+        if return_probs:
+            probs.append(p)
+    return AssignResult(
+        torch.cat(labels),
+        torch.cat(conf),
+        colsum,
+        torch.cat(probs) if return_probs else None,
+    )
+
+
+def retrieve(x: Tensor, bank: Tensor, tau: float, normalize: bool = True, chunk_size: int = 4096) -> Tensor:
+    dt = _compute_dtype(x, bank)
+    b = bank.to(dt)
+    out = []
+    for s in range(0, x.shape[0], chunk_size):
+        w = torch.softmax(x[s : s + chunk_size].to(dt) @ b.T / tau, dim=1)
+        v = w @ b
+        if normalize:
+            v = torch.nn.functional.normalize(v, dim=1)
+        out.append(v)
+    return torch.cat(out).to(x.dtype)
+
+
+def knn(
+    x: Tensor,
+    k: int,
+    queries: Optional[Tensor] = None,
+    exclude_self: bool = True,
+    query_chunk: int = 4096,
+    database_chunk: int = 65536,
+) -> tuple[Tensor, Tensor]:
+    """Exact top-k inner-product search; a running top-k merges database chunks."""
+    dt = _compute_dtype(x) if queries is None else _compute_dtype(x, queries)
+    q_all = x if queries is None else queries
+    drop_self = queries is None and exclude_self
+    scores_out, idx_out = [], []
+    for qs in range(0, q_all.shape[0], query_chunk):
+        q = q_all[qs : qs + query_chunk].to(dt)
+        best_s = torch.full((q.shape[0], 0), -math.inf, dtype=dt, device=x.device)
+        best_i = torch.zeros((q.shape[0], 0), dtype=torch.int64, device=x.device)
+        for ds in range(0, x.shape[0], database_chunk):
+            sim = q @ x[ds : ds + database_chunk].to(dt).T
+            if drop_self:
+                rows = torch.arange(q.shape[0], device=x.device)
+                cols = rows + qs - ds
+                ok = (cols >= 0) & (cols < sim.shape[1])
+                sim[rows[ok], cols[ok]] = -math.inf
+            ids = torch.arange(ds, ds + sim.shape[1], device=x.device).expand(q.shape[0], -1)
+            cand_s = torch.cat([best_s, sim], dim=1)
+            cand_i = torch.cat([best_i, ids], dim=1)
+            kk = min(k, cand_s.shape[1])
+            # ties go to the lower index: stable sort keeps database order among equals
+            order = torch.sort(cand_s, dim=1, descending=True, stable=True).indices[:, :kk]
+            best_s, best_i = cand_s.gather(1, order), cand_i.gather(1, order)
+        scores_out.append(best_s)
+        idx_out.append(best_i)
+    return torch.cat(scores_out).to(q_all.dtype), torch.cat(idx_out)
+
+
+def center_update(
+    x: Tensor,
+    k: int,
+    labels: Optional[Tensor] = None,
+    probs: Optional[Tensor] = None,
+    normalize: bool = True,
+    previous: Optional[Tensor] = None,
+    momentum: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    dt = _compute_dtype(x)
+    xx = x.to(dt)
+    if labels is not None:
+        sums = torch.zeros(k, x.shape[1], dtype=dt, device=x.device).index_add(0, labels, xx)
+        counts = torch.bincount(labels, minlength=k).to(dt)
+    else:
+        p = probs.to(dt)
+        sums = p.T @ xx
+        counts = p.sum(0)
+    centers = torch.nn.functional.normalize(sums, dim=1) if normalize else sums / counts.clamp_min(1e-12)[:, None]
+    if previous is not None:
+        prev = previous.to(dt)
+        empty = counts <= 0
+        # an empty cluster keeps its previous centre instead of collapsing to zero
+        centers = torch.where(empty[:, None], prev, momentum * prev + (1.0 - momentum) * centers)
+        if normalize:
+            centers = torch.nn.functional.normalize(centers, dim=1)
+    return centers.to(x.dtype), counts
+
+
+def balance(p_or_colsum: Tensor, n: Optional[int] = None, weights: Optional[Tensor] = None) -> BalanceResult:
+    t = p_or_colsum
+    marginal = t.mean(0) if t.dim() == 2 else t / n
+    k = marginal.shape[0]
+    # x log x -> 0 at x = 0; the clamp keeps the gradient finite for empty clusters
+    plogp = marginal * torch.log(marginal.clamp_min(torch.finfo(marginal.dtype).tiny))
+    w = torch.ones_like(marginal) if weights is None else weights.to(marginal.dtype)
+    entropy = -(w * plogp).sum()
+    kl = math.log(k) + plogp.sum()
+    return BalanceResult(marginal, entropy, kl)
+
+
+def _sq_dist_to_nearest(x: Tensor, centers: Tensor, chunk_size: int) -> Tensor:
+    out = []
+    for s in range(0, x.shape[0], chunk_size):
+        out.append(1.0 - (x[s : s + chunk_size] @ centers.T).max(dim=1).values)
+    return torch.cat(out).clamp_min(0)
+
+
+def kmeans_pp_init(x: Tensor, k: int, generator: torch.Generator, chunk_size: int) -> Tensor:
+    """k-means++ seeding with the spherical distance 1 - cos (Arthur & Vassilvitskii 2007)."""
+    n = x.shape[0]
+    first = torch.randint(n, (1,), generator=generator, device=x.device)
+    chosen = [first]
+    d = _sq_dist_to_nearest(x, x[first], chunk_size)
+    for _ in range(1, k):
+        total = d.sum()
+        if total <= 0:
+            nxt = torch.randint(n, (1,), generator=generator, device=x.device)
+        else:
+            nxt = torch.multinomial(d / total, 1, generator=generator)
+        chosen.append(nxt)
+        d = torch.minimum(d, _sq_dist_to_nearest(x, x[nxt], chunk_size))
+    return x[torch.cat(chosen)].clone()
