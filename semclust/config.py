@@ -76,6 +76,7 @@ class Stage2Config:
     weak_noise: float = 0.01  # feature-space views when only embeddings are given
     strong_noise: float = 0.05
     strong_dropout: float = 0.1
+    num_workers: int = 0  # DataLoader workers decoding images for stage 2
 
 
 @dataclass

@@ -1,0 +1,202 @@
+"""Stage 2: self-enhancement with the stage-1 model's confident pseudo-labels.
+
+Each epoch: (1) predict every sample on its plain view with the current encoder + image
+head, mixed half-and-half with the stage-1 prediction (which anchors the labels against
+drift); (2) keep the most confident `confident_fraction` of every cluster (class-balanced,
+so no cluster is starved, at least `min_per_cluster`); (3) train the encoder's tail and
+the image head with a confidence-weighted, class-balanced cross-entropy on a strong view
+(weight 1 at or above the mean confidence of the kept samples, Gaussian fall-off below).
+
+What is fine-tuned depends on the input:
+
+* images + a CLIP encoder: the last `finetune_blocks` blocks of the vision tower;
+* embeddings only: a `ResidualAdapter` on the frozen features (said so in the result's
+  `mode`), since there is no encoder to tune.
+
+Any object with `image_features(batch) -> [B, D]` (L2-normalised, differentiable),
+`tail_parameters(n) -> list[Parameter]` and `view_transform(kind) -> callable` for
+kind in {"eval", "weak", "strong"} can be tuned: `ClipEncoder`, `SyntheticEncoder`,
+`FeatureAdapter`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from .config import Stage2Config
+from .data import collate_skip
+from .heads import ClusterHead, ResidualAdapter
+
+log = logging.getLogger(__name__)
+
+
+class Tunable(Protocol):
+    def image_features(self, batch: Tensor) -> Tensor: ...
+    def tail_parameters(self, n_blocks: int) -> list[nn.Parameter]: ...
+    def view_transform(self, kind: str) -> Callable[[Any], Tensor]: ...
+
+
+class FeatureAdapter(nn.Module):
+    """The tunable 'encoder' for embeddings-only input: a residual adapter on frozen
+    features, with feature-space views (Gaussian noise; dropout for the strong view)."""
+
+    def __init__(self, dim: int, cfg: Stage2Config) -> None:
+        super().__init__()
+        self.adapter = ResidualAdapter(dim, cfg.adapter_hidden)
+        self.noise = {"eval": 0.0, "weak": cfg.weak_noise, "strong": cfg.strong_noise}
+        self.dropout = {"eval": 0.0, "weak": 0.0, "strong": cfg.strong_dropout}
+
+    def image_features(self, u: Tensor) -> Tensor:
+        return self.adapter(u)
+
+    def tail_parameters(self, n_blocks: int = 1) -> list[nn.Parameter]:
+        return list(self.adapter.parameters())
+
+    def view_transform(self, kind: str) -> Callable[[Tensor], Tensor]:
+        return _FeatureView(self.noise[kind], self.dropout[kind])
+
+
+class _FeatureView:
+    def __init__(self, noise: float, dropout: float) -> None:
+        self.noise, self.dropout = noise, dropout
+
+    def __call__(self, u: Tensor) -> Tensor:
+        out = u + self.noise * torch.randn_like(u) if self.noise else u
+        if self.dropout:
+            out = out * (torch.rand_like(u) >= self.dropout) / (1 - self.dropout)
+        return F.normalize(out, dim=-1)
+
+
+class _TwoViews:
+    def __init__(self, weak: Callable, strong: Callable) -> None:
+        self.weak, self.strong = weak, strong
+
+    def __call__(self, item: Any) -> Tensor:
+        return torch.stack([self.weak(item), self.strong(item)])
+
+
+@dataclass
+class Stage2Result:
+    head: ClusterHead
+    encoder: Any  # the tuned encoder (ClipEncoder, SyntheticEncoder or FeatureAdapter)
+    mode: str  # "encoder" or "adapter"
+    labels: Tensor  # [N]
+    conf: Tensor  # [N]
+    history: list[dict] = field(default_factory=list)
+
+
+def select_confident(labels: Tensor, conf: Tensor, k: int, cfg: Stage2Config) -> tuple[Tensor, Tensor]:
+    """Class-balanced confident subset: (indices [S], weights [S]).
+
+    Per cluster the top `confident_fraction` by confidence (at least `min_per_cluster`
+    where the cluster has them). Weight = 1 at or above the mean kept confidence,
+    exp(-(c - mean)^2 / 2 sigma^2) below, then rescaled so each cluster's weights sum
+    to the same total (a small cluster counts as much as a large one).
+    """
+    idx, wts = [], []
+    for c in range(k):
+        members = torch.nonzero(labels == c).flatten()
+        if members.numel() == 0:
+            continue
+        take = max(int(round(cfg.confident_fraction * members.numel())), min(cfg.min_per_cluster, members.numel()))
+        top = members[torch.topk(conf[members], take).indices]
+        idx.append(top)
+    sel = torch.cat(idx)
+    c_sel = conf[sel]
+    mean = c_sel.mean()
+    w = torch.where(c_sel >= mean, torch.ones_like(c_sel), torch.exp(-((c_sel - mean) ** 2) / (2 * cfg.confidence_sigma**2)))
+    lab = labels[sel]
+    per_cluster = torch.zeros(k, dtype=w.dtype).index_add(0, lab, w)
+    present = (per_cluster > 0).sum()
+    w = w * (w.sum() / present) / per_cluster[lab]
+    return sel, w
+
+
+@torch.no_grad()
+def _predict(encoder: Tunable, head: ClusterHead, source: Any, cfg: Stage2Config, progress: bool, desc: str) -> tuple[Tensor, Tensor]:
+    """Labels and confidences [N] of the current encoder + head on the plain view
+    (probabilities exist one batch at a time)."""
+    source.transform = encoder.view_transform("eval")
+    head.eval()
+    labels = torch.zeros(len(source), dtype=torch.long)
+    conf = torch.zeros(len(source))
+    loader = DataLoader(source, batch_size=cfg.batch_size * 4, shuffle=False, num_workers=cfg.num_workers, collate_fn=collate_skip)
+    for batch, kept, _skipped in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        if batch is None:
+            continue
+        p = torch.softmax(head(encoder.image_features(batch)), dim=1)
+        c, l = p.max(1)
+        labels[kept], conf[kept] = l, c
+    return labels, conf
+
+
+def train_stage2(
+    encoder: Tunable,
+    source: Any,
+    head: ClusterHead,
+    stage1_labels: Tensor,
+    stage1_conf: Tensor,
+    k: int,
+    cfg: Stage2Config = Stage2Config(),
+    mode: str = "encoder",
+    seed: int = 0,
+    progress: bool = True,
+) -> Stage2Result:
+    """Fine-tune `encoder`'s tail + `head` on `source` (a data set of raw items whose
+    `transform` this function sets) from the stage-1 labels/confidences [N]."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    params = [
+        {"params": encoder.tail_parameters(cfg.finetune_blocks), "lr": cfg.lr if mode == "encoder" else cfg.adapter_lr},
+        {"params": list(head.parameters()), "lr": cfg.head_lr},
+    ]
+    opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
+    s1_labels, s1_conf = stage1_labels.cpu(), stage1_conf.cpu().float()
+    labels, conf = s1_labels, s1_conf
+    history = []
+    bar = tqdm(range(cfg.epochs), desc=f"stage 2 ({mode})", unit="epoch", disable=not progress, leave=False)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        sel, w = select_confident(labels, conf, k, cfg)
+        source.transform = _TwoViews(encoder.view_transform("weak"), encoder.view_transform("strong"))
+        order = sel[torch.randperm(sel.numel(), generator=g)]
+        weight_of = torch.zeros(len(source))
+        weight_of[sel] = w
+        loader = DataLoader(Subset(source, order.tolist()), batch_size=cfg.batch_size, shuffle=False,
+                            num_workers=cfg.num_workers, collate_fn=collate_skip)
+        head.train()
+        total, steps = 0.0, 0
+        for batch, kept, _skipped in loader:
+            if batch is None or batch.shape[0] < 2:
+                continue
+            ids = kept  # items carry their source index through the Subset
+            strong = batch[:, 1]
+            logits = head(encoder.image_features(strong))
+            ce = F.cross_entropy(logits, labels[ids].to(logits.device), reduction="none")
+            wb = weight_of[ids].to(logits.device)
+            loss = (wb * ce).sum() / wb.sum().clamp_min(1e-12)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            steps += 1
+        cur_labels, cur_conf = _predict(encoder, head, source, cfg, False, "refresh")
+        # anchor on stage 1: agreeing samples keep the mean confidence, disagreeing ones
+        # are halved, which is the argmax/max of 0.5 * (p_now + onehot(stage 1) * conf_1)
+        agree = cur_labels == s1_labels
+        conf = torch.where(agree, 0.5 * (cur_conf + s1_conf), 0.5 * torch.maximum(cur_conf, s1_conf))
+        labels = torch.where(agree | (cur_conf >= s1_conf), cur_labels, s1_labels)
+        history.append({"epoch": epoch, "loss": total / max(steps, 1), "selected": int(sel.numel()),
+                        "changed": int((labels != s1_labels).sum()), "seconds": time.perf_counter() - t0})
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
+    final_labels, final_conf = _predict(encoder, head, source, cfg, progress, "stage 2 predict")
+    return Stage2Result(head, encoder, mode, final_labels, final_conf, history)

@@ -1,0 +1,370 @@
+"""The on-disk embedding store: the one module that reads and writes its format.
+
+A store is a directory::
+
+    manifest.json              {"format": "semclust-embeddings/1", "model", "pretrained",
+                                "checkpoint_sha256", "dim", "count", "dtype": "float16",
+                                "shard_rows", "shards": [{"file", "rows", "sha256",
+                                "items", "items_sha256"}], "complete", "source_consumed"}
+    shard-00000.npy            float16 [rows, dim], L2-normalised rows
+    shard-00000.items.txt      one id / path per row, in row order
+
+Every file is written to a temporary name in the same directory, fsync'd and then
+`os.replace`d, and the manifest is rewritten the same way after each shard, so the
+manifest never names a file that is not completely on disk: a crash loses at most the
+rows buffered since the last shard, and a writer opened on the same directory resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "semclust-embeddings/1"
+MANIFEST = "manifest.json"
+DTYPE = "float16"
+DEFAULT_SHARD_ROWS = 65536
+DEFAULT_CHUNK_ROWS = 65536
+_TMP_PREFIX = ".tmp-"
+_HASH_BLOCK = 1 << 22
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    # the rename itself is only durable once the directory entry is flushed (POSIX)
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write `path` via `write(binary_file)` to a temp file in the same dir, fsync, replace."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX + path.name + ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    file = path / MANIFEST
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} is not an embedding store: {MANIFEST} is missing")
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON ({e}); the store is damaged") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{file} has format {found!r}; this version of semclust reads {FORMAT!r}")
+    return meta
+
+
+def is_store(path: str | os.PathLike) -> bool:
+    """True when `path` is a directory holding a readable semclust embedding manifest."""
+    try:
+        _read_manifest(Path(path))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _same_model(meta: dict[str, Any], model: str, pretrained: str | None,
+                checkpoint_sha256: str | None, dim: int) -> bool:
+    if meta["model"] != model or int(meta["dim"]) != int(dim):
+        return False
+    # a checkpoint is identified by its content: the same file moved elsewhere still matches
+    if meta.get("checkpoint_sha256") and checkpoint_sha256:
+        return meta["checkpoint_sha256"] == checkpoint_sha256
+    return meta.get("pretrained") == pretrained and meta.get("checkpoint_sha256") == checkpoint_sha256
+
+
+def check_same_model(path: str | os.PathLike, model: str, pretrained: str | None,
+                     checkpoint_sha256: str | None, dim: int) -> dict[str, Any]:
+    """Return the store's manifest, or raise ValueError if another model/weights/dim wrote it."""
+    meta = _read_manifest(Path(path))
+    if not _same_model(meta, model, pretrained, checkpoint_sha256, dim):
+        raise ValueError(
+            f"the store at {path} holds embeddings of model={meta['model']!r} "
+            f"pretrained={meta.get('pretrained')!r} dim={meta['dim']}, not of model={model!r} "
+            f"pretrained={pretrained!r} dim={dim}; embeddings of different models cannot be "
+            "mixed: choose another output directory or delete the old store"
+        )
+    return meta
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}.npy"
+
+
+def _items_name(index: int) -> str:
+    return f"shard-{index:05d}.items.txt"
+
+
+def _normalised_fp16(embeddings: torch.Tensor | np.ndarray, dim: int) -> np.ndarray:
+    """[n, dim] any float -> float16 [n, dim] with unit rows (normalised in float32)."""
+    x = torch.as_tensor(embeddings).detach().to("cpu", torch.float32)
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise ValueError(f"embeddings must have shape [n, {dim}], got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("embeddings contain NaN or Inf; refusing to store them")
+    return torch.nn.functional.normalize(x, dim=1).to(torch.float16).numpy()
+
+
+class StoreWriter:
+    """Append embeddings to a store, one atomically written shard at a time.
+
+    Opening a writer on an existing incomplete store written by the same model resumes it:
+    `done_rows` rows are already stored and `source_consumed` source items were used to
+    produce them (the caller continues from there); the stored `shard_rows` applies. A
+    store of another model raises ValueError; a complete store raises FileExistsError.
+    """
+
+    def __init__(self, path: str | os.PathLike, model: str, pretrained: str | None,
+                 checkpoint_sha256: str | None, dim: int,
+                 shard_rows: int = DEFAULT_SHARD_ROWS) -> None:
+        if dim <= 0 or shard_rows <= 0:
+            raise ValueError(f"dim and shard_rows must be positive, got dim={dim} shard_rows={shard_rows}")
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._closed = False
+        self._buffer: list[np.ndarray] = []
+        self._buffer_items: list[str] = []
+        self._buffer_source: list[int] = []
+        if (self.path / MANIFEST).exists():
+            self._meta = self._resume(model, pretrained, checkpoint_sha256, dim)
+        else:
+            self._meta = {
+                "format": FORMAT, "model": model, "pretrained": pretrained,
+                "checkpoint_sha256": checkpoint_sha256, "dim": int(dim), "count": 0,
+                "dtype": DTYPE, "shard_rows": int(shard_rows), "shards": [],
+                "complete": False, "source_consumed": 0,
+            }
+            self._write_manifest()
+        self.done_rows: int = self._meta["count"]
+        self.source_consumed: int = self._meta["source_consumed"]
+        self._next_source = self.source_consumed
+
+    def _resume(self, model: str, pretrained: str | None, checkpoint_sha256: str | None,
+                dim: int) -> dict[str, Any]:
+        meta = check_same_model(self.path, model, pretrained, checkpoint_sha256, dim)
+        if meta["complete"]:
+            raise FileExistsError(f"the store at {self.path} is already complete ({meta['count']} rows)")
+        for stale in self.path.glob(_TMP_PREFIX + "*"):
+            # temp files of a writer that died mid-shard; the manifest never names them
+            stale.unlink()
+        logger.info("resuming the store at %s after %d rows", self.path, meta["count"])
+        return meta
+
+    @property
+    def dim(self) -> int:
+        return int(self._meta["dim"])
+
+    @property
+    def count(self) -> int:
+        """Rows stored on disk plus rows buffered for the next shard."""
+        return self._meta["count"] + len(self._buffer_items)
+
+    def append(self, embeddings: torch.Tensor | np.ndarray, items: Sequence[str],
+               source_index: Sequence[int] | torch.Tensor | None = None) -> None:
+        """Buffer rows; every `shard_rows` rows are written as one shard.
+
+        embeddings: [n, dim] float (any float dtype, any device); stored as float16 after
+            L2 normalisation.
+        items: n ids (paths), one per row; no line breaks.
+        source_index: [n] position of each row in the caller's source, increasing. Rows the
+            caller skipped (unreadable images) are not stored, so the manifest's
+            `source_consumed` (where a resumed run starts) comes from these. Default: the
+            rows are consecutive source items.
+        """
+        if self._closed:
+            raise RuntimeError("append() after close()")
+        rows = _normalised_fp16(embeddings, self.dim)
+        items = [str(item) for item in items]
+        if len(items) != len(rows):
+            raise ValueError(f"got {len(rows)} embeddings but {len(items)} items")
+        if any("\n" in item or "\r" in item for item in items):
+            raise ValueError("items must not contain line breaks (items.txt holds one per line)")
+        if source_index is None:
+            source = list(range(self._next_source, self._next_source + len(rows)))
+        else:
+            source = [int(i) for i in torch.as_tensor(source_index).reshape(-1).tolist()]
+            if len(source) != len(rows):
+                raise ValueError(f"got {len(rows)} embeddings but {len(source)} source indices")
+        if source:
+            self._next_source = source[-1] + 1
+        self._buffer.append(rows)
+        self._buffer_items.extend(items)
+        self._buffer_source.extend(source)
+        while len(self._buffer_items) >= self._meta["shard_rows"]:
+            self._flush(self._meta["shard_rows"])
+
+    def _flush(self, rows: int) -> None:
+        """Write the first `rows` buffered rows as the next shard, then the manifest."""
+        block = np.concatenate(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
+        shard, rest = block[:rows], block[rows:]
+        index = len(self._meta["shards"])
+        npy, txt = self.path / _shard_name(index), self.path / _items_name(index)
+        items_bytes = "".join(item + "\n" for item in self._buffer_items[:rows]).encode("utf-8")
+        _atomic_write(txt, lambda f: f.write(items_bytes))
+        _atomic_write(npy, lambda f: np.save(f, np.ascontiguousarray(shard), allow_pickle=False))
+        self._meta["shards"].append({
+            "file": npy.name, "rows": int(rows), "sha256": sha256_file(npy),
+            "items": txt.name, "items_sha256": hashlib.sha256(items_bytes).hexdigest(),
+        })
+        self._meta["count"] += int(rows)
+        self._meta["source_consumed"] = self._buffer_source[rows - 1] + 1
+        self._write_manifest()
+        self._buffer = [rest] if len(rest) else []
+        del self._buffer_items[:rows], self._buffer_source[:rows]
+
+    def _write_manifest(self) -> None:
+        text = json.dumps(self._meta, indent=1).encode("utf-8")
+        _atomic_write(self.path / MANIFEST, lambda f: f.write(text))
+
+    def close(self, source_consumed: int | None = None) -> None:
+        """Write the buffered rows as the last shard and mark the store complete.
+
+        source_consumed: how many source items the caller used in total (counts trailing
+            skipped items); default: one past the last stored row's source index.
+        """
+        if self._closed:
+            return
+        if self._buffer_items:
+            self._flush(len(self._buffer_items))
+        if source_consumed is not None:
+            self._meta["source_consumed"] = int(source_consumed)
+        self._meta["complete"] = True
+        self._write_manifest()
+        self._closed = True
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, exc_type: type | None, *_: Any) -> None:
+        # on an error the store stays incomplete (and resumable) instead of looking finished
+        if exc_type is None:
+            self.close()
+
+
+class EmbeddingStore:
+    """Read access to a store: shards memory-mapped, rows served as float32 chunks."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], shards: list[np.ndarray],
+                 items: list[str]) -> None:
+        self.path = path
+        self.meta = meta
+        self._shards = shards
+        self._starts = np.cumsum([0] + [len(s) for s in shards])
+        self.items = items
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __repr__(self) -> str:
+        return f"EmbeddingStore({str(self.path)!r}, rows={len(self)}, dim={self.dim}, model={self.meta['model']!r})"
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta["complete"])
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as a float16 array [stop - start, dim] (copied out of the shards)."""
+        start, stop = max(0, start), min(len(self), stop)
+        parts = []
+        first = int(np.searchsorted(self._starts, start, side="right")) - 1
+        for s in range(max(first, 0), len(self._shards)):
+            lo, hi = int(self._starts[s]), int(self._starts[s + 1])
+            if lo >= stop:
+                break
+            parts.append(self._shards[s][max(start, lo) - lo:min(stop, hi) - lo])
+        if not parts:
+            return np.empty((0, self.dim), dtype=np.float16)
+        return np.concatenate(parts)
+
+    def chunks(self, rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (start, float32 tensor [<= rows, dim]) covering all rows in order."""
+        if rows <= 0:
+            raise ValueError(f"rows must be positive, got {rows}")
+        for start in range(0, len(self), rows):
+            yield start, torch.from_numpy(self.rows(start, start + rows).astype(np.float32))
+
+    def to_tensor(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """All rows as one [N, dim] tensor of `dtype` in memory."""
+        out = torch.empty((len(self), self.dim), dtype=dtype)
+        for start, chunk in self.chunks():
+            out[start:start + len(chunk)] = chunk
+        return out
+
+
+def _open_shard(path: Path, entry: dict[str, Any], dim: int, verify: bool) -> tuple[np.ndarray, list[str]]:
+    npy, txt = path / entry["file"], path / entry["items"]
+    for file in (npy, txt):
+        if not file.is_file():
+            raise FileNotFoundError(f"shard file {file.name} named in {path / MANIFEST} is missing")
+    if verify:
+        if sha256_file(npy) != entry["sha256"]:
+            raise ValueError(f"checksum mismatch in shard {npy}: the file is corrupt or was modified")
+        if sha256_file(txt) != entry["items_sha256"]:
+            raise ValueError(f"checksum mismatch in {txt}: the file is corrupt or was modified")
+    array = np.load(npy, mmap_mode="r", allow_pickle=False)
+    if array.dtype != np.float16 or array.shape != (entry["rows"], dim):
+        raise ValueError(f"shard {npy} holds {array.dtype} {array.shape}, the manifest says "
+                         f"float16 {(entry['rows'], dim)}")
+    items = txt.read_text(encoding="utf-8").split("\n")[:-1]
+    if len(items) != entry["rows"]:
+        raise ValueError(f"{txt} lists {len(items)} items for {entry['rows']} rows")
+    return array, items
+
+
+def open_store(path: str | os.PathLike, verify: bool = True) -> EmbeddingStore:
+    """Open a store read-only; shards are memory-mapped.
+
+    verify: check every shard's sha256 against the manifest (reads all bytes once).
+    Raises FileNotFoundError naming a missing shard, ValueError naming a corrupt one.
+    An incomplete store (an interrupted writer) opens with the rows written so far.
+    """
+    path = Path(path)
+    meta = _read_manifest(path)
+    shards, items = [], []
+    for entry in meta["shards"]:
+        array, shard_items = _open_shard(path, entry, int(meta["dim"]), verify)
+        shards.append(array)
+        items.extend(shard_items)
+    if not meta["complete"]:
+        logger.warning("the store at %s is incomplete (%d rows so far): its writer was interrupted",
+                       path, meta["count"])
+    return EmbeddingStore(path, meta, shards, items)

@@ -1,0 +1,92 @@
+"""Test helpers for anything that needs a CLIP model or image files (no downloads).
+
+Import the plain functions, or the pytest fixtures into a test module:
+
+    from clip_fixtures import tiny_clip, png_folder, tiny_encoder, write_random_pngs
+    pytestmark = pytest.mark.usefixtures("torch_single_thread")  # optional, for speed
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from semclust.encode import ClipEncoder
+
+# the tiny open_clip architecture shipped with the package (embed_dim 32, 32x32 images)
+TINY_CLIP_CONFIG = Path(str(resources.files("semclust").joinpath("tiny_clip.json")))
+
+
+def tiny_encoder(seed: int = 0, device: str = "cpu") -> ClipEncoder:
+    """A ClipEncoder of the tiny config with random weights drawn from `seed`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ClipEncoder.load(TINY_CLIP_CONFIG, pretrained=None, device=device)
+
+
+def save_checkpoint(encoder: ClipEncoder, path: str | Path) -> Path:
+    """Write the encoder's state_dict to `path` (.safetensors by suffix, else torch.save)."""
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.model.state_dict().items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return path
+
+
+def write_random_pngs(root: str | Path, n: int = 8, size: tuple[int, int] = (40, 48), n_classes: int = 0,
+                      corrupt: int = 0, seed: int = 0) -> list[Path]:
+    """Write `n` random RGB PNGs (H, W = size) under `root`, plus `corrupt` bad ".png" files.
+
+    n_classes > 0 puts the images into `class_<k>/` sub-folders (round robin), the layout
+    `ImageSource.from_folder` reads as labels. Bad files alternate between a truncated PNG
+    and bytes that are no image at all. Returns every written path, good ones first.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n + corrupt):
+        folder = root / f"class_{i % n_classes}" if n_classes else root
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"img_{i:04d}.png"
+        if i < n:
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+        elif (i - n) % 2 == 0:
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        else:
+            path.write_bytes(b"this is not an image")
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def torch_single_thread():
+    """Run the test with one intra-op thread: tiny tensors on a busy shared machine are
+    many times slower with thread hand-offs than without."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_clip() -> ClipEncoder:
+    """A fresh tiny random-weight ClipEncoder (seed 0) on CPU."""
+    return tiny_encoder()
+
+
+@pytest.fixture
+def png_folder(tmp_path: Path) -> Path:
+    """A folder of 10 random PNGs in 2 class sub-folders plus 2 corrupt files."""
+    root = tmp_path / "images"
+    write_random_pngs(root, n=10, n_classes=2, corrupt=2)
+    return root
