@@ -27,7 +27,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple, Sequence, Union
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -698,3 +698,20 @@ def _parse_int_lines(path: Path) -> list[int]:
             except ValueError:
                 raise ValueError(f"{str(path)!r} line {lineno}: expected one integer per line, got {text!r}") from None
     return values
+
+
+class TensorSource(torch.utils.data.Dataset):
+    """Rows of a tensor as a data source with the `ImageSource` item contract."""
+
+    def __init__(self, rows: Tensor, labels: Optional[np.ndarray] = None) -> None:
+        self.rows = rows
+        self.labels = labels
+        self.items = [f"row:{i}" for i in range(rows.shape[0])]
+        self.transform: Optional[Callable[[Tensor], Tensor]] = None
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, None]:
+        x = self.rows[i]
+        return (self.transform(x) if self.transform else x), i, None

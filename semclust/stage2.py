@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -102,7 +102,7 @@ def select_confident(labels: Tensor, conf: Tensor, k: int, cfg: Stage2Config) ->
     exp(-(c - mean)^2 / 2 sigma^2) below, then rescaled so each cluster's weights sum
     to the same total (a small cluster counts as much as a large one).
     """
-    idx, wts = [], []
+    idx = []
     for c in range(k):
         members = torch.nonzero(labels == c).flatten()
         if members.numel() == 0:

@@ -21,13 +21,14 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
+
+from ._io import TMP_PREFIX, atomic_write, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -36,43 +37,6 @@ MANIFEST = "manifest.json"
 DTYPE = "float16"
 DEFAULT_SHARD_ROWS = 65536
 DEFAULT_CHUNK_ROWS = 65536
-_TMP_PREFIX = ".tmp-"
-_HASH_BLOCK = 1 << 22
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    # the rename itself is only durable once the directory entry is flushed (POSIX)
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write `path` via `write(binary_file)` to a temp file in the same dir, fsync, replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX + path.name + ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -179,7 +143,7 @@ class StoreWriter:
         meta = check_same_model(self.path, model, pretrained, checkpoint_sha256, dim)
         if meta["complete"]:
             raise FileExistsError(f"the store at {self.path} is already complete ({meta['count']} rows)")
-        for stale in self.path.glob(_TMP_PREFIX + "*"):
+        for stale in self.path.glob(TMP_PREFIX + "*"):
             # temp files of a writer that died mid-shard; the manifest never names them
             stale.unlink()
         logger.info("resuming the store at %s after %d rows", self.path, meta["count"])
@@ -235,8 +199,8 @@ class StoreWriter:
         index = len(self._meta["shards"])
         npy, txt = self.path / _shard_name(index), self.path / _items_name(index)
         items_bytes = "".join(item + "\n" for item in self._buffer_items[:rows]).encode("utf-8")
-        _atomic_write(txt, lambda f: f.write(items_bytes))
-        _atomic_write(npy, lambda f: np.save(f, np.ascontiguousarray(shard), allow_pickle=False))
+        atomic_write(txt, lambda f: f.write(items_bytes))
+        atomic_write(npy, lambda f: np.save(f, np.ascontiguousarray(shard), allow_pickle=False))
         self._meta["shards"].append({
             "file": npy.name, "rows": int(rows), "sha256": sha256_file(npy),
             "items": txt.name, "items_sha256": hashlib.sha256(items_bytes).hexdigest(),
@@ -249,7 +213,7 @@ class StoreWriter:
 
     def _write_manifest(self) -> None:
         text = json.dumps(self._meta, indent=1).encode("utf-8")
-        _atomic_write(self.path / MANIFEST, lambda f: f.write(text))
+        atomic_write(self.path / MANIFEST, lambda f: f.write(text))
 
     def close(self, source_consumed: int | None = None) -> None:
         """Write the buffered rows as the last shard and mark the store complete.

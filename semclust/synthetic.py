@@ -15,7 +15,8 @@ It imitates what the method relies on, with every factor settable:
   WordNet for one data set.
 
 `make_synthetic` returns everything a run needs; `SyntheticEncoder` implements the small
-tunable-encoder interface that `stage2` uses for CLIP towers too.
+tunable-encoder interface that `stage2` uses for CLIP towers too, and
+`semclust.data.TensorSource(raw)` serves the raw rows as the "images".
 """
 
 from __future__ import annotations
@@ -28,21 +29,22 @@ import torch
 from torch import Tensor, nn
 
 
+
 @dataclass
 class SyntheticSpec:
-    n: int = 8000
+    n: int = 5000
     k: int = 10
     dim: int = 64
     subclasses: int = 3
     styles: int = 5
     class_scale: float = 1.0  # a
-    subclass_scale: float = 0.6  # b
-    style_scale: float = 0.9  # c
-    noise: float = 0.6  # norm of the isotropic noise on x_seen
+    subclass_scale: float = 0.8  # b
+    style_scale: float = 1.2  # c
+    noise: float = 2.2  # norm of the isotropic noise on x_seen
     hidden_scale: float = 1.0  # class evidence the frozen encoder cannot see
     hidden_noise: float = 0.8
     nouns_per_class: int = 8
-    nouns_per_style: int = 2  # styles are hard to name: few nouns describe them
+    nouns_per_style: int = 0  # styles (lighting, background) have no nouns of their own
     noun_noise: float = 0.25
     distractor_nouns: int = 400
     imbalance: float = 1.0  # ratio of the largest to the smallest class size
@@ -112,23 +114,6 @@ class SyntheticEncoder(nn.Module):
             return out
 
         return view
-
-
-class TensorSource(torch.utils.data.Dataset):
-    """Rows of a tensor as a data source with the `ImageSource` item contract."""
-
-    def __init__(self, rows: Tensor, labels: Optional[np.ndarray] = None) -> None:
-        self.rows = rows
-        self.labels = labels
-        self.items = [f"row:{i}" for i in range(rows.shape[0])]
-        self.transform: Optional[Callable[[Tensor], Tensor]] = None
-
-    def __len__(self) -> int:
-        return self.rows.shape[0]
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int, None]:
-        x = self.rows[i]
-        return (self.transform(x) if self.transform else x), i, None
 
 
 def make_synthetic(spec: Optional[SyntheticSpec] = None, seed: int = 0) -> SyntheticSet:

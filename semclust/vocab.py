@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -19,12 +18,14 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .encode import TEMPLATES, TEXT_BATCH
 
 if TYPE_CHECKING:
     from .encode import ClipEncoder
+
+from ._io import atomic_save_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -142,15 +143,7 @@ def _load_cached(file: Path, shape: tuple[int, int]) -> torch.Tensor | None:
 
 def _save_cached(file: Path, tensor: torch.Tensor, encoder: "ClipEncoder") -> None:
     file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file({_CACHE_KEY: tensor.contiguous()}, tmp, metadata={"model": encoder.name})
-        # readers never see a half-written cache file
-        os.replace(tmp, file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_save_tensors(file, {_CACHE_KEY: tensor}, metadata={"model": encoder.name})
 
 
 def embed_nouns(encoder: "ClipEncoder", nouns: Sequence[str], cache_dir: str | os.PathLike | None = None,

@@ -1,0 +1,450 @@
+"""`SemanticClusterer`: the whole method behind scikit-learn conventions.
+
+>>> model = SemanticClusterer(n_clusters=10, clip="ViT-B-32", pretrained="/path/ckpt.pt")
+>>> labels = model.fit_predict("images/")           # folder, list of paths, or a Dataset
+>>> labels = model.fit_predict(U, nouns=T)          # CLIP embeddings [N, D] and nouns [W, D]
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from . import counterparts, ops, stage1, stage2
+from ._io import atomic_save_tensors, atomic_write, sha256_file
+from .config import Config
+from .data import ImageSource, SkipReport, TensorSource, collate_skip, list_images, load_embeddings
+from .heads import ClusterHead, Heads
+from .store import is_store, open_store
+
+log = logging.getLogger(__name__)
+
+MODEL_FORMAT = "semclust-model/1"
+CONFIG_FILE = "semclust.json"
+WEIGHTS_FILE = "weights.safetensors"
+_EMBEDDING_SUFFIXES = (".npy", ".pt", ".pth", ".safetensors")
+
+InputLike = Union[Tensor, np.ndarray, str, os.PathLike, Sequence[Union[str, os.PathLike]], Dataset]
+
+
+class _DatasetSource(Dataset):
+    """Any map-style Dataset of PIL images (or (image, label) pairs) with the item contract
+    of `ImageSource`: (transform(image), index, None)."""
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+        self.items = [f"item:{i}" for i in range(len(ds))]  # type: ignore[arg-type]
+        self.transform = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[Any, int, None]:
+        item = self.ds[i]
+        img = item[0] if isinstance(item, (tuple, list)) else item
+        return (self.transform(img) if self.transform else img), i, None
+
+
+@dataclass
+class _Inputs:
+    embeddings: Optional[Tensor]  # [N, D] when given as features
+    source: Optional[Dataset]  # raw items when given as images / raw inputs
+
+
+def _as_inputs(x: InputLike) -> _Inputs:
+    """Classify what the user passed: features, a store, an embedding file, or images."""
+    if isinstance(x, np.ndarray):
+        if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"an array input must be float [N, D] embeddings, got {x.dtype} {x.shape}")
+        return _Inputs(torch.from_numpy(np.ascontiguousarray(x)).float(), None)
+    if isinstance(x, Tensor):
+        if x.dim() != 2 or not x.is_floating_point():
+            raise ValueError(f"a tensor input must be float [N, D] embeddings, got {x.dtype} {tuple(x.shape)}")
+        return _Inputs(x.detach().float(), None)
+    if isinstance(x, (str, os.PathLike)):
+        p = Path(x)
+        if not p.exists():
+            raise FileNotFoundError(f"input {str(p)!r} does not exist")
+        if p.is_dir() and is_store(p):
+            return _Inputs(open_store(p).to_tensor(), None)
+        if p.is_file() and p.suffix.lower() in _EMBEDDING_SUFFIXES:
+            return _Inputs(load_embeddings(p), None)
+        return _Inputs(None, ImageSource.from_folder(p) if p.is_dir() else ImageSource.from_paths([p]))
+    if isinstance(x, Dataset):
+        return _Inputs(None, x if hasattr(x, "items") else _DatasetSource(x))
+    if isinstance(x, (list, tuple)) and x and all(isinstance(e, (str, os.PathLike)) for e in x):
+        return _Inputs(None, ImageSource.from_paths(list_images(list(x))))
+    raise TypeError(
+        "input must be embeddings (array/tensor [N, D], .npy/.pt/.safetensors file, embedding store), "
+        f"images (folder, list of paths, Dataset), got {type(x).__name__}"
+    )
+
+
+@torch.no_grad()
+def _encode(encoder: Any, source: Dataset, batch_size: int, progress: bool) -> tuple[Tensor, Tensor, SkipReport]:
+    """Features of every readable item on the plain view: (U [n, D] float32, kept [n], report)."""
+    source.transform = encoder.view_transform("eval")
+    report = SkipReport()
+    feats, kept_all = [], []
+    loader = DataLoader(source, batch_size=batch_size, shuffle=False, collate_fn=collate_skip)
+    for batch, kept, skipped in tqdm(loader, desc="encode", unit="batch", disable=not progress, leave=False):
+        report.update(source.items, kept, skipped)
+        if batch is not None:
+            feats.append(encoder.image_features(batch).float().cpu())
+            kept_all.append(kept)
+    if not feats:
+        raise ValueError(f"none of the {len(source)} inputs could be read: {report}")
+    if report.count:
+        log.warning("%s", report)
+    return torch.cat(feats), torch.cat(kept_all), report
+
+
+class SemanticClusterer:
+    """Cluster images (or their CLIP features) into `n_clusters` groups, no labels needed.
+
+    Stage 1 trains image and text clustering heads on frozen CLIP features with
+    cross-modal semantic consistency; stage 2 (``stage=2``) fine-tunes the encoder's last
+    blocks (images) or a residual adapter (embeddings only) on confident pseudo-labels.
+
+    Parameters are stored verbatim; `fit` does the work. Learned attributes:
+    ``labels_`` [N] (-1 for unreadable images), ``confidences_`` [N],
+    ``cluster_centers_`` [K, D], ``history_`` (per-phase metrics and timings),
+    ``stage1_labels_`` [N], ``skipped_`` (unreadable inputs), ``mode_``.
+
+    Args:
+        n_clusters: K >= 2.
+        clip: an open_clip model name, a model-config .json, or an encoder object with
+            ``image_features``, ``tail_parameters`` and ``view_transform`` (see stage2).
+        pretrained: open_clip pretrained tag or local checkpoint file (None: random, tests).
+        nouns: noun vocabulary: "default", "wordnet", a text file, a list of words, or
+            noun embeddings [W, D]; `fit(..., nouns=...)` overrides it.
+        stage: 1 (heads only) or 2 (plus self-enhancement).
+        config: a `semclust.config.Config` (defaults from DESIGN.md).
+        device: "cpu", "cuda", ... (default: cuda when available).
+    """
+
+    def __init__(
+        self,
+        n_clusters: int = 10,
+        clip: Any = "ViT-B-32",
+        pretrained: Optional[str] = "openai",
+        nouns: Any = "default",
+        stage: int = 2,
+        config: Optional[Config] = None,
+        device: Optional[str] = None,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> None:
+        self.n_clusters = n_clusters
+        self.clip = clip
+        self.pretrained = pretrained
+        self.nouns = nouns
+        self.stage = stage
+        self.config = config
+        self.device = device
+        self.seed = seed
+        self.progress = progress
+
+    # ---- fitting -----------------------------------------------------------------------
+
+    def _check_params(self) -> None:
+        if not isinstance(self.n_clusters, int) or self.n_clusters < 2:
+            raise ValueError(f"n_clusters must be an int >= 2, got {self.n_clusters!r}")
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {self.stage!r}")
+
+    def _device(self) -> torch.device:
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def _encoder(self) -> Any:
+        if not isinstance(self.clip, (str, os.PathLike)):
+            return self.clip
+        if getattr(self, "_clip_encoder", None) is None:
+            from .encode import ClipEncoder
+
+            self._clip_encoder = ClipEncoder.load(self.clip, self.pretrained, device=self._device())
+        return self._clip_encoder
+
+    def _noun_bank(self, nouns: Any, dim: int) -> Tensor:
+        if isinstance(nouns, (np.ndarray, Tensor)):
+            t = torch.as_tensor(nouns).float()
+            ops._validate.matrix("nouns", t, cols=dim)
+            return torch.nn.functional.normalize(t, dim=1)
+        encoder = self._encoder()
+        if not hasattr(encoder, "encode_texts"):
+            raise TypeError("word nouns need a CLIP text tower: pass noun embeddings [W, D] with a custom encoder")
+        from .vocab import embed_nouns, load_nouns
+
+        t = embed_nouns(encoder, load_nouns(nouns), progress=self.progress)
+        if t.shape[1] != dim:
+            raise ValueError(f"noun embeddings have dim {t.shape[1]} but image features have {dim}")
+        return t
+
+    def fit(self, X: InputLike, y: Any = None, nouns: Any = None) -> "SemanticClusterer":
+        """Fit on images or embeddings (see the class doc); `y` is ignored (sklearn API)."""
+        self._check_params()
+        cfg = self.config or Config()
+        device = self._device()
+        k = self.n_clusters
+        inputs = _as_inputs(X)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        encoder = None
+        if inputs.source is not None:
+            encoder = self._encoder()
+            u, kept, report = _encode(encoder, inputs.source, cfg.chunks.encode_batch, self.progress)
+            n_total = len(inputs.source)
+        else:
+            u, n_total, report = inputs.embeddings, inputs.embeddings.shape[0], SkipReport()
+            kept = torch.arange(n_total)
+        ops._validate.matrix("embeddings", u)
+        if k > u.shape[0]:
+            raise ValueError(f"n_clusters={k} is larger than the number of samples ({u.shape[0]})")
+        u = torch.nn.functional.normalize(u, dim=1).to(device)
+        timings["encode"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        bank_all = self._noun_bank(self.nouns if nouns is None else nouns, u.shape[1]).to(device)
+        space = counterparts.select_nouns(u, bank_all, k, cfg.semantic, seed=self.seed, chunks=cfg.chunks)
+        bank = space.bank(bank_all)
+        v = counterparts.text_counterparts(u, bank, cfg.counterparts, cfg.chunks)
+        timings["counterparts"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        r1 = stage1.train_stage1(u, v, k, cfg.stage1, seed=self.seed, chunks=cfg.chunks, progress=self.progress)
+        timings["stage1"] = time.perf_counter() - t0
+        self.heads_, self.noun_bank_ = r1.heads, bank
+        self.stage1_labels_ = self._scatter(r1.labels, kept, n_total)
+        labels, conf, feats = r1.labels, r1.conf, u
+        self.mode_, self.head_, self.tuned_ = "stage1", None, None
+
+        if self.stage == 2:
+            t0 = time.perf_counter()
+            if inputs.source is not None:
+                # a user's encoder object is not changed under them: tune a copy
+                tunable = encoder if encoder is getattr(self, "_clip_encoder", None) else copy.deepcopy(encoder)
+                source, mode = _KeptSource(inputs.source, kept), "encoder"
+            else:
+                source, tunable, mode = TensorSource(u.cpu()), stage2.FeatureAdapter(u.shape[1], cfg.stage2).to(device), "adapter"
+            head = copy.deepcopy(r1.heads.image)
+            r2 = stage2.train_stage2(tunable, source, head, r1.labels, r1.conf, k, cfg.stage2, mode=mode,
+                                     seed=self.seed, progress=self.progress)
+            timings["stage2"] = time.perf_counter() - t0
+            self.mode_, self.head_, self.tuned_ = mode, r2.head, tunable
+            labels, conf = r2.labels.to(device), r2.conf.to(device)
+            feats = self._features(inputs, kept, cfg) if mode == "encoder" else tunable.image_features(u).detach()
+            self.stage2_history_ = r2.history
+        centers, _ = ops.center_update(feats.float(), k, labels=labels.to(feats.device))
+        self.cluster_centers_ = centers.cpu().numpy()
+        self.labels_ = self._scatter(labels, kept, n_total)
+        self.confidences_ = self._scatter(conf, kept, n_total, fill=0.0, dtype=np.float32)
+        self.skipped_ = report
+        self.n_features_in_ = u.shape[1]
+        self.history_ = {
+            "stage1": r1.history,
+            "stage2": getattr(self, "stage2_history_", []),
+            "seconds": timings,
+            "kmeans_objective": space.kmeans_objective,
+            "nouns_total": int(bank_all.shape[0]),
+            "nouns_selected": int(bank.shape[0]),
+            "skipped": report.count,
+        }
+        self._config = cfg
+        return self
+
+    @staticmethod
+    def _scatter(values: Tensor, kept: Tensor, n: int, fill: float = -1, dtype: Any = np.int64) -> np.ndarray:
+        out = np.full(n, fill, dtype=dtype)
+        out[kept.cpu().numpy()] = values.detach().cpu().numpy().astype(dtype)
+        return out
+
+    def _features(self, inputs: _Inputs, kept: Tensor, cfg: Config) -> Tensor:
+        with torch.no_grad():
+            u, _, _ = _encode(self.tuned_, _KeptSource(inputs.source, kept), cfg.chunks.encode_batch, False)
+        return u.to(self._device())
+
+    def fit_predict(self, X: InputLike, y: Any = None, nouns: Any = None) -> np.ndarray:
+        """`fit(X)` then `labels_` ([N] int64; -1 marks unreadable images)."""
+        return self.fit(X, nouns=nouns).labels_
+
+    # ---- prediction --------------------------------------------------------------------
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "heads_"):
+            raise RuntimeError("this SemanticClusterer is not fitted yet: call fit() or load() first")
+
+    def predict_proba(self, X: InputLike) -> np.ndarray:
+        """[N, K] cluster probabilities (rows of unreadable images are NaN)."""
+        self._check_fitted()
+        cfg = self._config
+        device = self._device()
+        inputs = _as_inputs(X)
+        if inputs.source is not None:
+            encoder = self.tuned_ if self.mode_ == "encoder" else self._encoder()
+            u, kept, _ = _encode(encoder, inputs.source, cfg.chunks.encode_batch, self.progress)
+            n = len(inputs.source)
+        else:
+            if self.mode_ == "encoder":
+                raise ValueError("this model fine-tuned its image encoder: predict from images, not embeddings")
+            u, kept, n = inputs.embeddings, torch.arange(inputs.embeddings.shape[0]), inputs.embeddings.shape[0]
+        ops._validate.matrix("embeddings", u, cols=self.n_features_in_)
+        u = torch.nn.functional.normalize(u.float(), dim=1).to(device)
+        with torch.no_grad():
+            if self.mode_ == "stage1":
+                v = counterparts.text_counterparts(u, self.noun_bank_, cfg.counterparts, cfg.chunks)
+                probs = self.heads_.predict_proba(u, v if cfg.stage1.predict_with == "both" else None)
+            else:
+                z = self.tuned_.image_features(u) if self.mode_ == "adapter" else u
+                self.head_.eval()
+                probs = torch.softmax(self.head_(z), dim=1)
+        out = np.full((n, self.n_clusters), np.nan, dtype=np.float32)
+        out[kept.cpu().numpy()] = probs.cpu().numpy()
+        return out
+
+    def predict(self, X: InputLike) -> np.ndarray:
+        """[N] cluster ids (-1 for unreadable images)."""
+        p = self.predict_proba(X)
+        ok = ~np.isnan(p).any(1)
+        out = np.full(p.shape[0], -1, dtype=np.int64)
+        out[ok] = p[ok].argmax(1)
+        return out
+
+    # ---- persistence -------------------------------------------------------------------
+
+    def _tuned_state(self) -> dict[str, Tensor]:
+        if self.mode_ == "adapter":
+            return {f"adapter.{k}": v for k, v in self.tuned_.state_dict().items()}
+        if self.mode_ == "encoder":
+            module = getattr(self.tuned_, "model", self.tuned_)
+            return {f"encoder.{n}": p for n, p in module.named_parameters() if p.requires_grad}
+        return {}
+
+    def save(self, path: Union[str, os.PathLike]) -> Path:
+        """Write the fitted model to directory `path` (safetensors weights + JSON), atomically
+        per file, the JSON last and carrying the weights' sha256."""
+        self._check_fitted()
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {f"heads.{k}": v for k, v in self.heads_.state_dict().items()}
+        if self.head_ is not None:
+            tensors.update({f"head2.{k}": v for k, v in self.head_.state_dict().items()})
+        tensors.update(self._tuned_state())
+        tensors["noun_bank"] = self.noun_bank_
+        tensors["cluster_centers"] = torch.from_numpy(self.cluster_centers_)
+        tensors["labels"] = torch.from_numpy(self.labels_)
+        tensors["confidences"] = torch.from_numpy(self.confidences_)
+        atomic_save_tensors(out / WEIGHTS_FILE, tensors)
+        custom = not isinstance(self.clip, (str, os.PathLike))
+        meta = {
+            "format": MODEL_FORMAT,
+            "params": {
+                "n_clusters": self.n_clusters, "stage": self.stage, "seed": self.seed,
+                "clip": None if custom else str(self.clip), "pretrained": None if custom else self.pretrained,
+                "custom_encoder": type(self.clip).__name__ if custom else None,
+            },
+            "mode": self.mode_,
+            "dim": self.n_features_in_,
+            "config": self._config.to_dict(),
+            "history": self.history_,
+            "weights_sha256": sha256_file(out / WEIGHTS_FILE),
+        }
+        blob = json.dumps(meta, indent=2, default=float).encode()
+        atomic_write(out / CONFIG_FILE, lambda f: f.write(blob))
+        return out
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], clip: Any = None, device: Optional[str] = None) -> "SemanticClusterer":
+        """Load a model written by `save`. A model that fine-tuned a custom encoder object
+        needs that object (same architecture) as `clip`; open_clip models are rebuilt
+        from the recorded name and weights."""
+        root = Path(path)
+        cfile, wfile = root / CONFIG_FILE, root / WEIGHTS_FILE
+        if not cfile.is_file() or not wfile.is_file():
+            raise ValueError(f"{root} is not a semclust model directory (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        try:
+            meta = json.loads(cfile.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{cfile} is not valid JSON: {e}") from None
+        if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+            raise ValueError(f"{cfile} is not a {MODEL_FORMAT} file (format={meta.get('format') if isinstance(meta, dict) else None!r})")
+        if sha256_file(wfile) != meta["weights_sha256"]:
+            raise ValueError(f"{wfile} does not match its {CONFIG_FILE} (checksum mismatch): the model directory is corrupt or mixed")
+        try:
+            t = load_file(wfile)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{wfile} is not a readable safetensors file: {e}") from None
+        p = meta["params"]
+        if p["custom_encoder"] and clip is None and meta["mode"] == "encoder":
+            raise ValueError(f"this model fine-tuned a custom {p['custom_encoder']}: pass it as load(path, clip=encoder)")
+        cfg = Config.from_dict(meta["config"])
+        model = cls(n_clusters=p["n_clusters"], clip=clip if clip is not None else p["clip"], pretrained=p["pretrained"],
+                    stage=p["stage"], config=cfg, device=device, seed=p["seed"])
+        dev = model._device()
+        dim, k = meta["dim"], p["n_clusters"]
+        model.heads_ = Heads(dim, k, cfg.stage1.hidden)
+        model.heads_.load_state_dict(_prefixed(t, "heads."))
+        model.heads_.to(dev).eval()
+        model.mode_, model.head_, model.tuned_ = meta["mode"], None, None
+        if model.mode_ != "stage1":
+            model.head_ = ClusterHead(dim, k, cfg.stage1.hidden)
+            model.head_.load_state_dict(_prefixed(t, "head2."))
+            model.head_.to(dev).eval()
+        if model.mode_ == "adapter":
+            model.tuned_ = stage2.FeatureAdapter(dim, cfg.stage2)
+            model.tuned_.load_state_dict(_prefixed(t, "adapter."))
+            model.tuned_.to(dev).eval()
+        elif model.mode_ == "encoder":
+            model.tuned_ = model._encoder()
+            module = getattr(model.tuned_, "model", model.tuned_)
+            missing = module.load_state_dict(_prefixed(t, "encoder."), strict=False)
+            if missing.unexpected_keys:
+                raise ValueError(f"the saved encoder weights do not fit {type(model.tuned_).__name__}: {missing.unexpected_keys[:3]}")
+        model.noun_bank_ = t["noun_bank"].to(dev)
+        model.cluster_centers_ = t["cluster_centers"].numpy()
+        model.labels_ = t["labels"].numpy()
+        model.confidences_ = t["confidences"].numpy()
+        model.n_features_in_ = dim
+        model.history_ = meta.get("history", {})
+        model._config = cfg
+        return model
+
+
+def _prefixed(t: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
+
+
+class _KeptSource(Dataset):
+    """The readable items of a source, re-indexed 0..n-1 (stage 2 never sees skipped ones)."""
+
+    def __init__(self, source: Dataset, kept: Tensor) -> None:
+        self.source, self.kept = source, kept.tolist()
+        self.items = [source.items[i] for i in self.kept]
+
+    @property
+    def transform(self) -> Any:
+        return self.source.transform
+
+    @transform.setter
+    def transform(self, fn: Any) -> None:
+        self.source.transform = fn
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def __getitem__(self, i: int) -> tuple[Any, int, Optional[str]]:
+        x, _, err = self.source[self.kept[i]]
+        return x, i, err
