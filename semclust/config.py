@@ -49,6 +49,7 @@ class Stage1Config:
     cluster_tau: float = 0.5  # assignment- and centre-level InfoNCE temperature (TAC)
     center_tau: float = 0.1  # tau_a: heads aligned with softmax(u c^T / tau_a)
     center_momentum: float = 0.9  # EMA of the fused image/text centres across batches
+    center_target: bool = True  # pull both heads to the fused centres' assignment ("better centre generation")
     w_instance: float = 0.5  # loss weights (SEIC-r: 0.5, 1, 1, 2)
     w_assignment: float = 1.0
     w_center: float = 1.0

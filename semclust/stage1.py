@@ -95,7 +95,7 @@ def train_stage1(
             parts = {
                 "instance": losses.instance_loss(p, q, p_n, q_n),
                 "assignment": losses.assignment_loss(p, q, p_n, q_n, cfg.cluster_tau),
-                "center": losses.center_loss(p, q, ub, vb, centers, cfg.cluster_tau, cfg.center_tau),
+                "center": losses.center_loss(p, q, ub, vb, centers if cfg.center_target else None, cfg.cluster_tau, cfg.center_tau),
                 "balance": losses.balance_loss(p, q, state),
             }
             loss = (

@@ -1,0 +1,120 @@
+import math
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+from semclust import losses
+from semclust.config import Stage2Config
+from semclust.stage2 import select_confident
+
+
+def _probs(b, k, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(b, k, generator=g, dtype=dtype), 1)
+
+
+def _naive_cluster_infonce(a, b, tau):
+    k = a.shape[1]
+    z = [col / col.norm() for col in torch.cat([a.T, b.T])]
+    total = 0.0
+    for i in range(2 * k):
+        pos = (i + k) % (2 * k)
+        num = math.exp(float(z[i] @ z[pos]) / tau)
+        den = sum(math.exp(float(z[i] @ z[j]) / tau) for j in range(2 * k) if j != i)
+        total += -math.log(num / den)
+    return total / (2 * k)
+
+
+def test_cluster_infonce_matches_naive_formula():
+    a, b = _probs(9, 4, 0), _probs(9, 4, 1)
+    assert losses.cluster_infonce(a, b, 0.5).item() == pytest.approx(_naive_cluster_infonce(a, b, 0.5), rel=1e-9)
+
+
+def test_cluster_infonce_rewards_agreement():
+    a = _probs(64, 5, 0)
+    assert losses.cluster_infonce(a, a, 0.5) < losses.cluster_infonce(a, _probs(64, 5, 1), 0.5)
+
+
+def test_instance_loss_matches_formula_and_is_zero_for_identical_one_hots():
+    p, q, pn, qn = (_probs(7, 3, s) for s in range(4))
+    want = -torch.log((p * q).sum(1)).mean() - 0.5 * (torch.log((p * qn).sum(1)).mean() + torch.log((q * pn).sum(1)).mean())
+    assert losses.instance_loss(p, q, pn, qn).item() == pytest.approx(want.item(), rel=1e-12)
+    one = torch.eye(3, dtype=torch.float64)[[0, 1, 2, 0]]
+    assert losses.instance_loss(one, one, one, one).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_balance_loss_is_minimal_at_uniform_marginals():
+    k = 6
+    uniform = torch.full((12, k), 1.0 / k, dtype=torch.float64)
+    skewed = torch.softmax(torch.arange(k, dtype=torch.float64).repeat(12, 1), 1)
+    assert losses.balance_loss(uniform, uniform, None).item() == pytest.approx(-2.0)
+    assert losses.balance_loss(skewed, skewed, None) > losses.balance_loss(uniform, uniform, None)
+
+
+def test_dynamic_balance_weights_favour_starved_clusters():
+    state = losses.BalanceState.uniform(3, momentum=0.5, power=1.0)
+    state.update(torch.tensor([0.8, 0.15, 0.05]))
+    assert torch.allclose(state.shares, torch.tensor([0.5 * (1 / 3) + 0.4, 0.5 * (1 / 3) + 0.075, 0.5 * (1 / 3) + 0.025]))
+    w = state.weights()
+    assert w.mean().item() == pytest.approx(1.0)
+    assert w[2] > w[1] > w[0]
+
+
+@pytest.mark.parametrize("name", ["instance", "assignment", "center", "balance"])
+def test_loss_gradients_float64(name):
+    b, k, d = 6, 3, 4
+    g = torch.Generator().manual_seed(3)
+    logits = [torch.randn(b, k, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    u = torch.nn.functional.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=1)
+    v = torch.nn.functional.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=1)
+
+    def f(*ls):
+        p, q, pn, qn = (torch.softmax(x, 1) for x in ls)
+        if name == "instance":
+            return losses.instance_loss(p, q, pn, qn)
+        if name == "assignment":
+            return losses.assignment_loss(p, q, pn, qn, 0.5)
+        if name == "center":
+            return losses.center_loss(p, q, u, v, None, 0.5, 0.1)
+        return losses.balance_loss(p, q, None)
+
+    assert gradcheck(f, tuple(logits))
+
+
+def test_center_target_pulls_heads_towards_the_fused_centres():
+    b, k, d = 8, 2, 3
+    u = torch.nn.functional.normalize(torch.tensor([[1.0, 0, 0]] * 4 + [[0, 1.0, 0]] * 4), dim=1)
+    centers = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])
+    agree = torch.tensor([[0.99, 0.01]] * 4 + [[0.01, 0.99]] * 4)
+    disagree = agree.flip(1)
+    with_agree = losses.center_loss(agree, agree, u, u, centers, 0.5, 0.1) - losses.center_loss(agree, agree, u, u, None, 0.5, 0.1)
+    with_dis = losses.center_loss(disagree, disagree, u, u, centers, 0.5, 0.1) - losses.center_loss(disagree, disagree, u, u, None, 0.5, 0.1)
+    assert with_agree < with_dis
+
+
+def test_update_centers_uses_confident_members_and_ema():
+    u = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    p = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.45, 0.55]])
+    c = losses.update_centers(None, p, p, u, u, momentum=0.9)
+    # the two most confident rows (0.9, 0.8) alone define the centres
+    assert torch.allclose(c, torch.nn.functional.normalize(torch.tensor([[0.9, 0.2], [0.1, 0.8]]), dim=1), atol=1e-6)
+    prev = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    c2 = losses.update_centers(prev, p, p, u, u, momentum=0.9)
+    want = torch.nn.functional.normalize(0.9 * prev + 0.1 * c, dim=1)
+    assert torch.allclose(c2, want, atol=1e-6)
+
+
+def test_select_confident_is_class_balanced():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.cat([torch.zeros(90, dtype=torch.long), torch.ones(10, dtype=torch.long), torch.full((3,), 2)])
+    conf = torch.rand(103, generator=g)
+    cfg = Stage2Config(confident_fraction=0.5, min_per_cluster=5)
+    sel, w = select_confident(labels, conf, 4, cfg)
+    counts = torch.bincount(labels[sel], minlength=4)
+    assert counts.tolist() == [45, 5, 3, 0]
+    per = torch.zeros(4, dtype=w.dtype).index_add(0, labels[sel], w)
+    assert torch.allclose(per[:3], per[:3].mean().expand(3))
+    # the kept samples of a cluster are its most confident ones
+    kept0 = conf[sel[labels[sel] == 0]]
+    assert kept0.min() >= conf[labels == 0].topk(45).values.min()
