@@ -47,20 +47,22 @@ def _variants() -> dict[str, Callable[[Config], None]]:
             "stage 1, image head only": image_only}
 
 
-def run(seeds: int, n: int, epochs: int, stage2_epochs: int) -> dict[str, list[dict]]:
+def run(seeds: int, n: int, epochs: int, stage2_epochs: int, imbalance: float = 1.0, only: Optional[str] = None) -> dict[str, list[dict]]:
     results: dict[str, list[dict]] = {}
 
     def add(name: str, y: np.ndarray, pred: np.ndarray, seconds: float) -> None:
         results.setdefault(name, []).append({**evaluate(y, pred), "seconds": seconds})
 
     for seed in range(seeds):
-        data = make_synthetic(SyntheticSpec(n=n), seed=seed)
+        data = make_synthetic(SyntheticSpec(n=n, imbalance=imbalance), seed=seed)
         base = Config()
         base.stage1.epochs, base.stage2.epochs, base.stage2.lr = epochs, stage2_epochs, 1e-3
         t = time.perf_counter()
         km = ops.kmeans(data.embeddings, data.spec.k, iters=100, restarts=3, seed=seed)
         add("k-means", data.labels, km.labels.numpy(), time.perf_counter() - t)
         for name, change in _variants().items():
+            if only and name not in only.split(";"):
+                continue
             cfg = copy.deepcopy(base)
             change(cfg)
             stage = 2 if name == "stage 1" else 1
@@ -70,6 +72,8 @@ def run(seeds: int, n: int, epochs: int, stage2_epochs: int) -> dict[str, list[d
             add(name, data.labels, m.stage1_labels_, m.history_["seconds"]["stage1"])
             if stage == 2:
                 add("stage 2 (encoder)", data.labels, m.labels_, m.history_["seconds"]["stage2"])
+        if only:
+            continue
         cfg = copy.deepcopy(base)
         m = SemanticClusterer(data.spec.k, clip=None, config=cfg, seed=seed, device="cpu")
         m.fit(data.embeddings, nouns=data.noun_embeddings)
@@ -87,10 +91,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--n", type=int, default=5000)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--stage2-epochs", type=int, default=10)
+    p.add_argument("--imbalance", type=float, default=1.0, help="largest / smallest class size")
+    p.add_argument("--only", help="semicolon-separated stage-1 variant names to run (skips the adapter run)")
     p.add_argument("--json")
     a = p.parse_args(argv)
-    res = run(a.seeds, a.n, a.epochs, a.stage2_epochs)
-    print(f"synthetic set, n={a.n}, {a.seeds} seeds, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    res = run(a.seeds, a.n, a.epochs, a.stage2_epochs, a.imbalance, a.only)
+    print(f"synthetic set, n={a.n}, imbalance {a.imbalance}, {a.seeds} seeds, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'variant':28s} {'ACC':>14s} {'NMI':>14s} {'ARI':>14s} {'seconds':>8s}")
     for name, rows in res.items():
         print(f"{name:28s} {_fmt([r['acc'] for r in rows]):>14s} {_fmt([r['nmi'] for r in rows]):>14s} "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import numbers
 import logging
 import os
 import time
@@ -162,8 +163,9 @@ class SemanticClusterer:
     # ---- fitting -----------------------------------------------------------------------
 
     def _check_params(self) -> None:
-        if not isinstance(self.n_clusters, int) or self.n_clusters < 2:
-            raise ValueError(f"n_clusters must be an int >= 2, got {self.n_clusters!r}")
+        k = self.n_clusters
+        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 2:
+            raise ValueError(f"n_clusters must be an int >= 2, got {k!r}")
         if self.stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {self.stage!r}")
 
@@ -199,7 +201,7 @@ class SemanticClusterer:
         self._check_params()
         cfg = self.config or Config()
         device = self._device()
-        k = self.n_clusters
+        k = int(self.n_clusters)
         inputs = _as_inputs(X)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -235,8 +237,9 @@ class SemanticClusterer:
         if self.stage == 2:
             t0 = time.perf_counter()
             if inputs.source is not None:
-                # a user's encoder object is not changed under them: tune a copy
-                tunable = encoder if encoder is getattr(self, "_clip_encoder", None) else copy.deepcopy(encoder)
+                # tune a copy: the user's encoder object and the cached pristine CLIP stay as
+                # they were, so a second fit starts from the same weights as the first
+                tunable = copy.deepcopy(encoder)
                 source, mode = _KeptSource(inputs.source, kept), "encoder"
             else:
                 source, tunable, mode = TensorSource(u.cpu()), stage2.FeatureAdapter(u.shape[1], cfg.stage2).to(device), "adapter"
@@ -245,8 +248,10 @@ class SemanticClusterer:
                                      seed=self.seed, progress=self.progress)
             timings["stage2"] = time.perf_counter() - t0
             self.mode_, self.head_, self.tuned_ = mode, r2.head, tunable
+            module = getattr(tunable, "model", tunable)
+            self._tuned_keys = [n for n, q in module.named_parameters() if q.requires_grad]
             labels, conf = r2.labels.to(device), r2.conf.to(device)
-            feats = self._features(inputs, kept, cfg) if mode == "encoder" else tunable.image_features(u).detach()
+            feats = r2.features.to(device)
             self.stage2_history_ = r2.history
         centers, _ = ops.center_update(feats.float(), k, labels=labels.to(feats.device))
         self.cluster_centers_ = centers.cpu().numpy()
@@ -271,11 +276,6 @@ class SemanticClusterer:
         out = np.full(n, fill, dtype=dtype)
         out[kept.cpu().numpy()] = values.detach().cpu().numpy().astype(dtype)
         return out
-
-    def _features(self, inputs: _Inputs, kept: Tensor, cfg: Config) -> Tensor:
-        with torch.no_grad():
-            u, _, _ = _encode(self.tuned_, _KeptSource(inputs.source, kept), cfg.chunks.encode_batch, False)
-        return u.to(self._device())
 
     def fit_predict(self, X: InputLike, y: Any = None, nouns: Any = None) -> np.ndarray:
         """`fit(X)` then `labels_` ([N] int64; -1 marks unreadable images)."""
@@ -330,8 +330,20 @@ class SemanticClusterer:
             return {f"adapter.{k}": v for k, v in self.tuned_.state_dict().items()}
         if self.mode_ == "encoder":
             module = getattr(self.tuned_, "model", self.tuned_)
-            return {f"encoder.{n}": p for n, p in module.named_parameters() if p.requires_grad}
+            if self.pretrained is None or not isinstance(self.clip, (str, os.PathLike)):
+                # random or user-made weights cannot be rebuilt from a name: keep all of them
+                return {f"encoder.{k}": v for k, v in module.state_dict().items()}
+            state = module.state_dict()
+            return {f"encoder.{n}": state[n] for n in self._tuned_keys}
         return {}
+
+    def _clip_record(self) -> tuple[str, Optional[str], Optional[str]]:
+        """(name, pretrained, sha256) as the loaded encoder resolved them (absolute paths),
+        so a saved run works from any directory and notices a changed checkpoint."""
+        enc = getattr(self, "_clip_encoder", None)
+        if enc is None:
+            return str(self.clip), self.pretrained, None
+        return enc.name, enc.pretrained, enc.checkpoint_sha256
 
     def save(self, path: Union[str, os.PathLike]) -> Path:
         """Write the fitted model to directory `path` (safetensors weights + JSON), atomically
@@ -353,7 +365,8 @@ class SemanticClusterer:
             "format": MODEL_FORMAT,
             "params": {
                 "n_clusters": self.n_clusters, "stage": self.stage, "seed": self.seed,
-                "clip": None if custom else str(self.clip), "pretrained": None if custom else self.pretrained,
+                "clip": None if custom else self._clip_record()[0], "pretrained": None if custom else self._clip_record()[1],
+                "checkpoint_sha256": None if custom else self._clip_record()[2],
                 "custom_encoder": type(self.clip).__name__ if custom else None,
             },
             "mode": self.mode_,
@@ -407,10 +420,16 @@ class SemanticClusterer:
             model.tuned_ = stage2.FeatureAdapter(dim, cfg.stage2)
             model.tuned_.load_state_dict(_prefixed(t, "adapter."))
             model.tuned_.to(dev).eval()
-        elif model.mode_ == "encoder":
-            model.tuned_ = model._encoder()
+        if p.get("checkpoint_sha256") and not p["custom_encoder"] and model.mode_ != "adapter":
+            found = model._encoder().checkpoint_sha256
+            if found != p["checkpoint_sha256"]:
+                raise ValueError(f"the CLIP checkpoint {p['pretrained']} changed since this model was saved (sha256 differs)")
+        if model.mode_ == "encoder":
+            model.tuned_ = copy.deepcopy(model._encoder())
             module = getattr(model.tuned_, "model", model.tuned_)
-            missing = module.load_state_dict(_prefixed(t, "encoder."), strict=False)
+            tuned = _prefixed(t, "encoder.")
+            model._tuned_keys = list(tuned)
+            missing = module.load_state_dict(tuned, strict=False)
             if missing.unexpected_keys:
                 raise ValueError(f"the saved encoder weights do not fit {type(model.tuned_).__name__}: {missing.unexpected_keys[:3]}")
         model.noun_bank_ = t["noun_bank"].to(dev)

@@ -112,7 +112,8 @@ def cmd_fit(a: argparse.Namespace) -> int:
     cfg = Config.from_dict(json.loads(Path(a.config).read_text())) if a.config else Config()
     if a.epochs is not None:
         cfg.stage1.epochs = a.epochs
-    model = SemanticClusterer(a.k, clip=a.clip, pretrained=a.pretrained, nouns=_read_nouns(a.nouns) or "default",
+    nouns = _read_nouns(a.nouns)
+    model = SemanticClusterer(a.k, clip=a.clip, pretrained=a.pretrained, nouns="default" if nouns is None else nouns,
                               stage=a.stage, config=cfg, device=a.device, seed=a.seed, progress=not a.no_progress)
     model.fit(a.input)
     out = model.save(a.out)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -91,6 +91,7 @@ class Stage2Result:
     mode: str  # "encoder" or "adapter"
     labels: Tensor  # [N]
     conf: Tensor  # [N]
+    features: Tensor  # [N, D] the tuned encoder's features (plain view)
     history: list[dict] = field(default_factory=list)
 
 
@@ -122,21 +123,27 @@ def select_confident(labels: Tensor, conf: Tensor, k: int, cfg: Stage2Config) ->
 
 
 @torch.no_grad()
-def _predict(encoder: Tunable, head: ClusterHead, source: Any, cfg: Stage2Config, progress: bool, desc: str) -> tuple[Tensor, Tensor]:
+def _predict(
+    encoder: Tunable, head: ClusterHead, source: Any, cfg: Stage2Config, progress: bool, desc: str, keep_features: bool = False
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Labels and confidences [N] of the current encoder + head on the plain view
-    (probabilities exist one batch at a time)."""
+    (probabilities exist one batch at a time), and the features [N, D] if asked."""
     source.transform = encoder.view_transform("eval")
     head.eval()
     labels = torch.zeros(len(source), dtype=torch.long)
     conf = torch.zeros(len(source))
     loader = DataLoader(source, batch_size=cfg.batch_size * 4, shuffle=False, num_workers=cfg.num_workers, collate_fn=collate_skip)
+    feats = None
     for batch, kept, _skipped in tqdm(loader, desc=desc, disable=not progress, leave=False):
         if batch is None:
             continue
-        p = torch.softmax(head(encoder.image_features(batch)), dim=1)
-        c, l = p.max(1)
-        labels[kept], conf[kept] = l, c
-    return labels, conf
+        z = encoder.image_features(batch)
+        c, l = torch.softmax(head(z), dim=1).max(1)
+        labels[kept], conf[kept] = l.cpu(), c.cpu()
+        if keep_features:
+            feats = feats if feats is not None else torch.zeros(len(source), z.shape[1])
+            feats[kept] = z.float().cpu()
+    return labels, conf, feats
 
 
 def train_stage2(
@@ -189,7 +196,7 @@ def train_stage2(
             opt.step()
             total += float(loss.detach())
             steps += 1
-        cur_labels, cur_conf = _predict(encoder, head, source, cfg, False, "refresh")
+        cur_labels, cur_conf, _ = _predict(encoder, head, source, cfg, False, "refresh")
         # anchor on stage 1: agreeing samples keep the mean confidence, disagreeing ones
         # are halved, which is the argmax/max of 0.5 * (p_now + onehot(stage 1) * conf_1)
         agree = cur_labels == s1_labels
@@ -198,5 +205,5 @@ def train_stage2(
         history.append({"epoch": epoch, "loss": total / max(steps, 1), "selected": int(sel.numel()),
                         "changed": int((labels != s1_labels).sum()), "seconds": time.perf_counter() - t0})
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
-    final_labels, final_conf = _predict(encoder, head, source, cfg, progress, "stage 2 predict")
-    return Stage2Result(head, encoder, mode, final_labels, final_conf, history)
+    final_labels, final_conf, feats = _predict(encoder, head, source, cfg, progress, "stage 2 predict", keep_features=True)
+    return Stage2Result(head, encoder, mode, final_labels, final_conf, feats, history)

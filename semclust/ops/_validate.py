@@ -58,4 +58,5 @@ def labels(name: str, t: Tensor, n: int, k: int) -> Tensor:
         raise TypeError(f"{name} must be int32/int64, got {t.dtype}")
     if n and (int(t.min()) < 0 or int(t.max()) >= k):
         raise ValueError(f"{name} must lie in [0, {k}), got range [{int(t.min())}, {int(t.max())}]")
-    return t.long()
+    # contiguous: a kernel indexes labels by row number, whatever view the caller passed
+    return t.long().contiguous()
