@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -287,11 +287,10 @@ class SemanticClusterer:
         if not hasattr(self, "heads_"):
             raise RuntimeError("this SemanticClusterer is not fitted yet: call fit() or load() first")
 
-    def predict_proba(self, X: InputLike) -> np.ndarray:
-        """[N, K] cluster probabilities (rows of unreadable images are NaN)."""
+    def _features_for_prediction(self, X: InputLike) -> tuple[Tensor, Tensor, int]:
+        """(features [n, D] normalised on the model's device, kept source indices [n], N)."""
         self._check_fitted()
         cfg = self._config
-        device = self._device()
         inputs = _as_inputs(X)
         if inputs.source is not None:
             encoder = self.tuned_ if self.mode_ == "encoder" else self._encoder()
@@ -302,26 +301,35 @@ class SemanticClusterer:
                 raise ValueError("this model fine-tuned its image encoder: predict from images, not embeddings")
             u, kept, n = inputs.embeddings, torch.arange(inputs.embeddings.shape[0]), inputs.embeddings.shape[0]
         ops._validate.matrix("embeddings", u, cols=self.n_features_in_)
-        u = torch.nn.functional.normalize(u.float(), dim=1).to(device)
-        with torch.no_grad():
+        return torch.nn.functional.normalize(u.float(), dim=1).to(self._device()), kept, n
+
+    @torch.no_grad()
+    def _proba_chunks(self, u: Tensor) -> Iterator[Tensor]:
+        """[chunk, K] probabilities, one row chunk at a time (never all N x K at once)."""
+        cfg = self._config
+        step = cfg.chunks.assign
+        for s in range(0, u.shape[0], step):
+            uc = u[s : s + step]
             if self.mode_ == "stage1":
-                v = counterparts.text_counterparts(u, self.noun_bank_, cfg.counterparts, cfg.chunks)
-                probs = self.heads_.predict_proba(u, v if cfg.stage1.predict_with == "both" else None)
+                v = counterparts.text_counterparts(uc, self.noun_bank_, cfg.counterparts, cfg.chunks)
+                yield self.heads_.predict_proba(uc, v if cfg.stage1.predict_with == "both" else None)
             else:
-                z = self.tuned_.image_features(u) if self.mode_ == "adapter" else u
+                z = self.tuned_.image_features(uc) if self.mode_ == "adapter" else uc
                 self.head_.eval()
-                probs = torch.softmax(self.head_(z), dim=1)
+                yield torch.softmax(self.head_(z), dim=1)
+
+    def predict_proba(self, X: InputLike) -> np.ndarray:
+        """[N, K] cluster probabilities (rows of unreadable images are NaN)."""
+        u, kept, n = self._features_for_prediction(X)
         out = np.full((n, self.n_clusters), np.nan, dtype=np.float32)
-        out[kept.cpu().numpy()] = probs.cpu().numpy()
+        out[kept.cpu().numpy()] = torch.cat([p.cpu() for p in self._proba_chunks(u)]).numpy()
         return out
 
     def predict(self, X: InputLike) -> np.ndarray:
         """[N] cluster ids (-1 for unreadable images)."""
-        p = self.predict_proba(X)
-        ok = ~np.isnan(p).any(1)
-        out = np.full(p.shape[0], -1, dtype=np.int64)
-        out[ok] = p[ok].argmax(1)
-        return out
+        u, kept, n = self._features_for_prediction(X)
+        labels = torch.cat([p.argmax(1).cpu() for p in self._proba_chunks(u)])
+        return self._scatter(labels, kept, n)
 
     # ---- persistence -------------------------------------------------------------------
 

@@ -44,15 +44,32 @@ class Heads(nn.Module):
         self.text = ClusterHead(dim, k, hidden)
 
     @torch.no_grad()
+    def _proba(self, u: Tensor, v: Tensor | None) -> Tensor:
+        p = torch.softmax(self.image(u.float()), dim=1)
+        if v is not None:
+            p = 0.5 * (p + torch.softmax(self.text(v.float()), dim=1))
+        return p
+
+    @torch.no_grad()
     def predict_proba(self, u: Tensor, v: Tensor | None, chunk_size: int = 65536) -> Tensor:
-        """Mean of the two heads' softmax (image head alone when v is None), in chunks."""
+        """[N, K] mean of the two heads' softmax (image head alone when v is None)."""
         was = self.training
         self.eval()
-        out = []
-        for s in range(0, u.shape[0], chunk_size):
-            p = torch.softmax(self.image(u[s : s + chunk_size].float()), dim=1)
-            if v is not None:
-                p = 0.5 * (p + torch.softmax(self.text(v[s : s + chunk_size].float()), dim=1))
-            out.append(p)
+        out = torch.cat([self._proba(u[s : s + chunk_size], None if v is None else v[s : s + chunk_size])
+                         for s in range(0, u.shape[0], chunk_size)])
         self.train(was)
-        return torch.cat(out)
+        return out
+
+    @torch.no_grad()
+    def predict(self, u: Tensor, v: Tensor | None, chunk_size: int = 65536) -> tuple[Tensor, Tensor]:
+        """(labels [N], confidences [N]) of the fused prediction; only a [chunk, K] block of
+        probabilities exists at a time."""
+        was = self.training
+        self.eval()
+        conf, labels = [], []
+        for s in range(0, u.shape[0], chunk_size):
+            c, l = self._proba(u[s : s + chunk_size], None if v is None else v[s : s + chunk_size]).max(1)
+            conf.append(c)
+            labels.append(l)
+        self.train(was)
+        return torch.cat(labels), torch.cat(conf)

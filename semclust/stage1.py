@@ -117,6 +117,5 @@ def train_stage1(
         history.append(row)
         bar.set_postfix(loss=f"{row['total']:.3f}")
     heads.eval()
-    probs = heads.predict_proba(u, v if cfg.predict_with == "both" else None, chunk_size=chunks.assign)
-    conf, labels = probs.max(1)
+    labels, conf = heads.predict(u, v if cfg.predict_with == "both" else None, chunk_size=chunks.assign)
     return Stage1Result(heads, labels, conf, history)
