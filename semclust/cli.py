@@ -89,7 +89,8 @@ def cmd_embed(a: argparse.Namespace) -> int:
 
     src = ImageSource.from_folder(a.images)
     enc = ClipEncoder.load(a.clip, a.pretrained, device=a.device or "cpu")
-    res = enc.embed_to_store(src, a.out, batch_size=a.batch_size, num_workers=a.workers, progress=not a.no_progress)
+    res = enc.embed_to_store(src, a.out, batch_size=a.batch_size, num_workers=a.workers, progress=not a.no_progress,
+                             shard_rows=a.shard_rows)
     print(f"wrote {len(res.store)} embeddings (dim {res.store.dim}) to {a.out}")
     if res.skipped.count:
         print(str(res.skipped))
@@ -216,6 +217,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="store directory")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--workers", type=int, default=0, help="DataLoader worker processes decoding images")
+    e.add_argument("--shard-rows", type=int, default=65536, help="rows per shard file (a killed run resumes at the last whole shard)")
     common(e, clip=True)
     e.set_defaults(fn=cmd_embed)
 

@@ -258,7 +258,7 @@ class ClipEncoder:
             kept.append(batch.kept)
             report.update(source.items, batch.kept, batch.skipped)
         if report.count:
-            logger.warning("skipped %d unreadable images: %s", report.count, report)
+            logger.warning("%s", report)
         embeddings = torch.cat(parts) if parts else torch.empty((0, self.dim), dtype=torch.float16)
         return EncodeResult(embeddings, torch.cat(kept) if kept else torch.empty(0, dtype=torch.long), report)
 
