@@ -1,4 +1,5 @@
 import os
+import sys
 
 import torch
 
@@ -6,3 +7,8 @@ import torch
 # with a GPU the same tests run compiled.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# importlib import mode (pyproject) keeps same-named test files in tests/ops and
+# tests/kernels apart without packages that shadow the real `kernels/` folder; the
+# shared fixtures module is imported by name, so its folder goes on the path
+sys.path.insert(0, os.path.dirname(__file__))

@@ -160,17 +160,31 @@ def _sq_dist_to_nearest(x: Tensor, centers: Tensor, chunk_size: int) -> Tensor:
 
 
 def kmeans_pp_init(x: Tensor, k: int, generator: torch.Generator, chunk_size: int) -> Tensor:
-    """k-means++ seeding with the spherical distance 1 - cos (Arthur & Vassilvitskii 2007)."""
+    """Greedy k-means++ seeding with the spherical distance 1 - cos.
+
+    Each new seed is the best of 2 + ln(k) candidates drawn with probability ~ distance to
+    the nearest seed so far: the one that lowers the total distance most (Arthur &
+    Vassilvitskii 2007, sec. 6; scikit-learn's default). Plain k-means++ (one candidate)
+    often seeds one blob twice and another not at all, a local minimum Lloyd cannot
+    leave: on 4 of 10 sets of normalised blobs (2000 x 32, K = 10) its best of 3 restarts
+    ended 5-18% above scikit-learn's objective; greedy seeding matched it on all 10
+    (tests/ops/test_kmeans.py::test_as_good_as_sklearn).
+    """
     n = x.shape[0]
+    trials = 2 + int(math.log(k))
     first = torch.randint(n, (1,), generator=generator, device=x.device)
     chosen = [first]
     d = _sq_dist_to_nearest(x, x[first], chunk_size)
     for _ in range(1, k):
         total = d.sum()
-        if total <= 0:
-            nxt = torch.randint(n, (1,), generator=generator, device=x.device)
-        else:
-            nxt = torch.multinomial(d / total, 1, generator=generator)
-        chosen.append(nxt)
-        d = torch.minimum(d, _sq_dist_to_nearest(x, x[nxt], chunk_size))
+        if total <= 0:  # every row is already a seed (duplicates): any row will do
+            chosen.append(torch.randint(n, (1,), generator=generator, device=x.device))
+            continue
+        cand = torch.multinomial(d / total, trials, replacement=True, generator=generator)
+        # [N, trials] distances to each candidate, chunked like every other pass over x
+        dc = torch.cat([1.0 - x[s : s + chunk_size] @ x[cand].T for s in range(0, n, chunk_size)])
+        dc = torch.minimum(d[:, None], dc.clamp_min(0))
+        best = int(dc.sum(0).argmin())
+        chosen.append(cand[best : best + 1])
+        d = dc[:, best]
     return x[torch.cat(chosen)].clone()

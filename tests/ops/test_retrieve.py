@@ -80,8 +80,8 @@ def test_tiny_tau_no_overflow(backend, h, dtype):
     v = ops.retrieve(x, bank, tau)
     assert bool(torch.isfinite(v).all())
     check(h, v, x, bank, tau, dtype)
-    # random unit words in 64-D are ~0.12 apart in cosine, so exp(-0.12/0.005) ~ 4e-11:
-    # the row equal to word j gets word j back to within the output precision
+    # other random 64-D unit words have cosine ~ +-0.125 with word j, so their weights are
+    # below exp(-0.5 / 0.005): the row equal to word j gets word j back to output precision
     h.close(v[:5], bank[:5], h.TOL[dtype] + h.TOL[torch.float32])
 
 
