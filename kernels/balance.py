@@ -15,5 +15,5 @@ from semclust.ops._dispatch import register
 
 
 @register("triton", "balance")
-def balance(p_or_colsum, n=None, weights=None):
-    return reference.balance(p_or_colsum, n=n, weights=weights)
+def balance(probs_or_colsum, n=None, weights=None):
+    return reference.balance(probs_or_colsum, n=n, weights=weights)

@@ -140,8 +140,8 @@ def center_update(
     return centers.to(x.dtype), counts
 
 
-def balance(p_or_colsum: Tensor, n: Optional[int] = None, weights: Optional[Tensor] = None) -> BalanceResult:
-    t = p_or_colsum
+def balance(probs_or_colsum: Tensor, n: Optional[int] = None, weights: Optional[Tensor] = None) -> BalanceResult:
+    t = probs_or_colsum
     marginal = t.mean(0) if t.dim() == 2 else t / n
     k = marginal.shape[0]
     # x log x -> 0 at x = 0; the clamp keeps the gradient finite for empty clusters
