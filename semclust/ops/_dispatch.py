@@ -103,7 +103,10 @@ def available_backends(device: str | torch.device = "cpu") -> dict[str, Optional
 
 
 def use_backend(name: Optional[str]):
-    """Force a backend for the ops (None: automatic). Works as a call or a context manager.
+    """Force a backend for the ops. Works as a call or a context manager.
+
+    None removes this thread's override: `SEMCLUST_BACKEND` then applies if set,
+    otherwise the automatic choice.
 
     >>> semclust.ops.use_backend("torch")          # from now on, in this thread
     >>> with semclust.ops.use_backend("triton"):   # only inside the block

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -43,8 +45,9 @@ def positive(name: str, v: float) -> float:
 
 
 def count(name: str, v: int, low: int, high: int | None = None, what: str = "") -> int:
-    if not isinstance(v, int) or isinstance(v, bool):
+    if not isinstance(v, numbers.Integral) or isinstance(v, bool):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    v = int(v)
     if v < low or (high is not None and v > high):
         rng = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"{name} must be {rng}{what}, got {v}")

@@ -18,6 +18,8 @@ def balance(probs_or_colsum: Tensor, n: Optional[int] = None, weights: Optional[
     p_bar = mean_i P_i (from P [N, K]) or colsum / n (from colsum [K] and row count n);
     entropy = -sum_k w_k p_bar_k log p_bar_k (w = 1 unless `weights` [K] is given);
     kl = KL(p_bar || uniform) = log K + sum_k p_bar_k log p_bar_k.  Differentiable.
+    Computed and returned in float32 (float64 for float64 input); `n` is used only
+    with a colsum.
     """
     t = probs_or_colsum
     if not isinstance(t, Tensor) or t.dim() not in (1, 2) or not t.is_floating_point():

@@ -25,13 +25,14 @@ def center_update(
     sums_k = sum_i w_ik x_i with w = one_hot(labels) or probs; counts_k = sum_i w_ik;
     centres = normalise(sums) (spherical) or sums / counts. With `previous` [K, D]:
     c = m * previous + (1 - m) * c (then re-normalised), and an empty cluster keeps its
-    previous centre. Exactly one of `labels` ([N] int) and `probs` ([N, K]) is given.
+    previous centre; without `previous` its centre is the zero vector (counts say which).
+    Exactly one of `labels` ([N] int) and `probs` ([N, K]) is given.
 
     Returns:
         (centers [K, D] in x's dtype, counts [K] float32/float64).
     """
     V.matrix("x", x)
-    V.count("k", k, 1)
+    k = V.count("k", k, 1)
     if (labels is None) == (probs is None):
         raise ValueError("give exactly one of labels (hard) or probs (soft)")
     if labels is not None:

@@ -22,7 +22,8 @@ def _objective(x: Tensor, centers: Tensor, labels: Tensor, chunk_size: int) -> T
     for s in range(0, x.shape[0], chunk_size):
         xs = x[s : s + chunk_size].float()
         total += (1.0 - (xs * centers[labels[s : s + chunk_size]].float()).sum(1)).sum().double()
-    return total / x.shape[0]
+    # 1 - cos can round to -1e-8 for a point on its centre
+    return (total / x.shape[0]).clamp_min(0.0)
 
 
 def _reseed_empty(x: Tensor, centers: Tensor, labels: Tensor, counts: Tensor, chunk_size: int) -> Tensor:
@@ -65,7 +66,7 @@ def kmeans(
         objective = mean_i (1 - cos(x_i, c_label_i)), lower is better).
     """
     V.matrix("x", x)
-    V.count("k", k, 1, x.shape[0], what=f" (cannot make more clusters than the {x.shape[0]} rows)")
+    k = V.count("k", k, 1, x.shape[0], what=f" (cannot make more clusters than the {x.shape[0]} rows)")
     V.count("iters", iters, 1)
     V.count("restarts", restarts, 1)
     if init not in ("k-means++", "random"):

@@ -34,7 +34,7 @@ def knn(
         V.matrix("queries", queries, cols=x.shape[1])
         V.same_device(x=x, queries=queries)
     candidates = x.shape[0] - (1 if queries is None and exclude_self else 0)
-    V.count("k", k, 1, candidates, what=f" (only {candidates} candidate neighbours exist)")
+    k = V.count("k", k, 1, candidates, what=f" (only {candidates} candidate neighbours exist)")
     V.count("query_chunk", query_chunk, 1)
     V.count("database_chunk", database_chunk, 1)
     _, impl = resolve("knn", x.device)

@@ -141,7 +141,7 @@ def center_update(
 
 
 def balance(probs_or_colsum: Tensor, n: Optional[int] = None, weights: Optional[Tensor] = None) -> BalanceResult:
-    t = probs_or_colsum
+    t = probs_or_colsum.to(_compute_dtype(probs_or_colsum))
     marginal = t.mean(0) if t.dim() == 2 else t / n
     k = marginal.shape[0]
     # x log x -> 0 at x = 0; the clamp keeps the gradient finite for empty clusters
