@@ -2,8 +2,9 @@
 features, and stage 2 must not fall below stage 1.
 
 Margins measured on this configuration (n=2000, 20 + 5 epochs, torch 2.14 CPU), seeds
-0/1/2: k-means 0.311/0.344/0.267, stage 1 0.690/0.706/0.654, stage 2 0.751/0.805/0.761
-ACC. The asserted margins are about two thirds of the smallest measured ones.
+0/1/2: k-means 0.312/0.357/0.235, stage 1 0.805/0.775/0.688, stage 2 0.909/0.883/0.809
+ACC, so stage 1 - k-means >= 0.418 and stage 2 - stage 1 >= 0.104. The asserted margins
+are about 70% and 50% of those.
 """
 
 import pytest
@@ -35,12 +36,12 @@ def run(request):
 
 @pytest.mark.slow
 def test_stage1_beats_kmeans_on_the_same_features(run):
-    assert run["stage1"] >= run["kmeans"] + 0.25, run
+    assert run["stage1"] >= run["kmeans"] + 0.3, run
 
 
 @pytest.mark.slow
 def test_stage2_improves_on_stage1(run):
-    assert run["stage2"] >= run["stage1"] + 0.03, run
+    assert run["stage2"] >= run["stage1"] + 0.05, run
 
 
 @pytest.mark.slow
