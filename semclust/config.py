@@ -58,7 +58,7 @@ class Stage1Config:
     balance_fixed_weight: float = 5.0  # (TAC)
     balance_momentum: float = 0.9  # EMA of cluster shares (SEIC-r)
     balance_power: float = 1.0  # w_k = (share_k * K)^-power, normalised to mean 1
-    predict_with: str = "both"  # "both" averages image and text heads; "image" uses f_I only
+    predict_with: str = "image"  # "image": f_I alone (measured better, see README); "both": mean of f_I and f_T
 
 
 @dataclass

@@ -93,7 +93,7 @@ def test_chunked_equals_unchunked(backend, h, qc, dc):  # no chunk divides 100
     chunked_vs_whole(h, 100, qc, dc)
 
 
-@pytest.mark.parametrize("qc,dc", [(7, 5), (100, 64), (256, 100), (1, 256), (257, 1)])
+@pytest.mark.parametrize("qc,dc", [(7, 25), (100, 64), (256, 100), (1, 256), (257, 1)])
 def test_many_chunks_torch_only(h, qc, dc):
     chunked_vs_whole(h, 257, qc, dc)
 
@@ -105,7 +105,7 @@ def test_database_chunk_smaller_than_k(backend, h):
 
 
 def test_big_torch_only(h):
-    x = h.unit(3000, 64)
+    x = h.unit(2000, 64)
     check(h, *ops.knn(x, 50, query_chunk=1000, database_chunk=700), x, 50, torch.float32)
 
 
