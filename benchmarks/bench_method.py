@@ -5,7 +5,7 @@ Variants (all on the same data per seed):
   stage 1                      the default (dynamic balancing, centre alignment)
   stage 1, fixed balance       TAC's fixed entropy weight instead of the dynamic one
   stage 1, no centre target    without the "better centre generation" prototype target
-  stage 1, image head only     predicting with f_I alone instead of the mean of both heads
+  stage 1, mean of both heads  predicting with the mean of f_I and f_T instead of f_I alone
   stage 2 (encoder)            fine-tuning the synthetic encoder's last layer
   stage 2 (adapter)            embeddings only: a residual adapter on frozen features
 
@@ -40,11 +40,11 @@ def _variants() -> dict[str, Callable[[Config], None]]:
     def no_center(c: Config) -> None:
         c.stage1.center_target = False
 
-    def image_only(c: Config) -> None:
-        c.stage1.predict_with = "image"
+    def both_heads(c: Config) -> None:
+        c.stage1.predict_with = "both"
 
     return {"stage 1": lambda c: None, "stage 1, fixed balance": fixed, "stage 1, no centre target": no_center,
-            "stage 1, image head only": image_only}
+            "stage 1, mean of both heads": both_heads}
 
 
 def run(seeds: int, n: int, epochs: int, stage2_epochs: int, imbalance: float = 1.0, only: Optional[str] = None) -> dict[str, list[dict]]:
