@@ -188,6 +188,25 @@ def cmd_bench(a: argparse.Namespace) -> int:
     raise RuntimeError(f"`semclust bench {a.what}` is not implemented yet (the {a.what} benchmarks come with a later release)")
 
 
+def cmd_build_ext(a: argparse.Namespace) -> int:
+    from . import ext
+
+    part = "cuda" if a.cuda else "cpu"
+    print(f"cache: {ext.cache_dir()} (override with SEMCLUST_EXT_DIR)")
+    was_built = ext.is_built(part)
+    t0 = time.perf_counter()
+    try:
+        path = ext.build(cuda=a.cuda, verbose=a.verbose)
+    except ext.ExtensionBuildError as e:  # the whole message: it carries the compiler's errors and the fix
+        print(f"semclust build-ext: error: {e}", file=sys.stderr)
+        return 2
+    what = "already built" if was_built else f"built in {time.perf_counter() - t0:.0f}s"
+    print(f"{part.upper()} extension {ext.build_name(part)}: {what}\n  {path}")
+    print(f"ext backend ops: {', '.join(ext.REGISTERED_OPS)} (chosen by default from now on; "
+          "SEMCLUST_BACKEND=torch opts out)")
+    return 0
+
+
 # ---- parser --------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
@@ -252,6 +271,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=("ops", "step", "scale"))
     b.add_argument("--json", help="write results as JSON")
     b.set_defaults(fn=cmd_bench)
+
+    x = sub.add_parser("build-ext", help="compile the C++ (and with --cuda, CUDA) extension ahead of time")
+    x.add_argument("--cuda", action="store_true", help="also build the CUDA kernels (needs nvcc and a CUDA build of torch)")
+    x.set_defaults(fn=cmd_build_ext)
     return p
 
 

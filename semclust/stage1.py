@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import fused_step as fused
 from . import losses, ops
 from .config import ChunkConfig, Stage1Config
 from .heads import Heads
@@ -77,6 +78,8 @@ def train_stage1(
     w_bal = cfg.w_balance if cfg.balance == "dynamic" else cfg.balance_fixed_weight
     centers: Optional[Tensor] = None
     history = []
+    # the ext backend computes the whole loss and its logit gradients in one fused call
+    use_fused = fused.active(device)
     bar = tqdm(range(cfg.epochs), desc="stage 1", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         heads.train()
@@ -90,20 +93,32 @@ def train_stage1(
             ub, vb = u[idx].float(), v[idx].float()
             logits_i = heads.image(torch.cat([ub, u[ji].float()]))
             logits_t = heads.text(torch.cat([vb, v[jt].float()]))
-            p, p_n = torch.softmax(logits_i, 1).split(b)
-            q, q_n = torch.softmax(logits_t, 1).split(b)
-            parts = {
-                "instance": losses.instance_loss(p, q, p_n, q_n),
-                "assignment": losses.assignment_loss(p, q, p_n, q_n, cfg.cluster_tau),
-                "center": losses.center_loss(p, q, ub, vb, centers if cfg.center_target else None, cfg.cluster_tau, cfg.center_tau),
-                "balance": losses.balance_loss(p, q, state),
-            }
-            loss = (
-                cfg.w_instance * parts["instance"]
-                + cfg.w_assignment * parts["assignment"]
-                + cfg.w_center * parts["center"]
-                + w_bal * parts["balance"]
-            )
+            if use_fused:
+                res = fused.fused_step(
+                    logits_i, logits_t, ub, vb, centers if cfg.center_target else None,
+                    state.weights() if state is not None else None, cluster_tau=cfg.cluster_tau,
+                    center_tau=cfg.center_tau, w_instance=cfg.w_instance, w_assignment=cfg.w_assignment,
+                    w_center=cfg.w_center, w_balance=w_bal,
+                )
+                if state is not None:
+                    state.update(res.marginal)
+                p, q = res.probs_i[:b], res.probs_t[:b]
+                parts, loss = {name: getattr(res, name) for name in fused.PARTS}, res.loss
+            else:
+                p, p_n = torch.softmax(logits_i, 1).split(b)
+                q, q_n = torch.softmax(logits_t, 1).split(b)
+                parts = {
+                    "instance": losses.instance_loss(p, q, p_n, q_n),
+                    "assignment": losses.assignment_loss(p, q, p_n, q_n, cfg.cluster_tau),
+                    "center": losses.center_loss(p, q, ub, vb, centers if cfg.center_target else None, cfg.cluster_tau, cfg.center_tau),
+                    "balance": losses.balance_loss(p, q, state),
+                }
+                loss = (
+                    cfg.w_instance * parts["instance"]
+                    + cfg.w_assignment * parts["assignment"]
+                    + cfg.w_center * parts["center"]
+                    + w_bal * parts["balance"]
+                )
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"stage 1 loss became {float(loss)} at epoch {epoch}; lower the learning rate")
             opt.zero_grad(set_to_none=True)

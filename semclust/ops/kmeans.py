@@ -26,6 +26,13 @@ def _objective(x: Tensor, centers: Tensor, labels: Tensor, chunk_size: int) -> T
     return (total / x.shape[0]).clamp_min(0.0)
 
 
+def _unit_rows(x: Tensor, chunk_size: int, tol: float = 2e-3) -> bool:
+    # fp16 storage rounds a unit norm by up to ~1e-3
+    return all(
+        bool(((x[s : s + chunk_size].float().norm(dim=1) - 1).abs() <= tol).all()) for s in range(0, x.shape[0], chunk_size)
+    )
+
+
 def _reseed_empty(x: Tensor, centers: Tensor, labels: Tensor, counts: Tensor, chunk_size: int) -> Tensor:
     """Empty clusters take the points worst served by their centres (farthest first)."""
     empty = torch.nonzero(counts <= 0).flatten()
@@ -71,19 +78,22 @@ def kmeans(
     V.count("restarts", restarts, 1)
     if init not in ("k-means++", "random"):
         raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
-    xf = torch.nn.functional.normalize(x.float(), dim=1)
+    # rows that are already unit-norm (embedding stores are) are used as they are, even
+    # memory-mapped fp16: every pass below reads them in chunks
+    xf = x if _unit_rows(x, chunk_size) else torch.nn.functional.normalize(x.float(), dim=1)
     gen = torch.Generator(device=x.device).manual_seed(seed)
     best = None
     for r in range(restarts):
         if init == "k-means++":
             centers = kmeans_pp_init(xf, k, gen, chunk_size)
         else:
-            centers = xf[torch.randperm(xf.shape[0], generator=gen, device=x.device)[:k]].clone()
+            centers = xf[torch.randperm(xf.shape[0], generator=gen, device=x.device)[:k]].float()
         prev_obj = float("inf")
         for it in range(iters):
             labels = assign(xf, centers, _HARD_TAU, chunk_size=chunk_size).labels
             new, counts = center_update(xf, k, labels=labels)
-            centers = _reseed_empty(xf, new, labels, counts, chunk_size)
+            # centres in float32 on the unit sphere whatever the storage dtype of x
+            centers = torch.nn.functional.normalize(_reseed_empty(xf, new.float(), labels, counts, chunk_size), dim=1)
             obj = float(_objective(xf, centers, labels, chunk_size))
             if prev_obj - obj < tol:
                 break

@@ -35,6 +35,9 @@ class KMeansResult(NamedTuple):
     objective: Tensor  # [], mean_i (1 - cos(x_i, c_{label_i})); lower is better
 
 
+_CENTER_CHUNK = 65536
+
+
 def _compute_dtype(*ts: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
 
@@ -121,14 +124,15 @@ def center_update(
     momentum: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     dt = _compute_dtype(x)
-    xx = x.to(dt)
-    if labels is not None:
-        sums = torch.zeros(k, x.shape[1], dtype=dt, device=x.device).index_add(0, labels, xx)
-        counts = torch.bincount(labels, minlength=k).to(dt)
-    else:
-        p = probs.to(dt)
-        sums = p.T @ xx
-        counts = p.sum(0)
+    sums = torch.zeros(k, x.shape[1], dtype=dt, device=x.device)
+    # row chunks: a memory-mapped fp16 x is never copied whole into float32
+    for s in range(0, x.shape[0], _CENTER_CHUNK):
+        xx = x[s : s + _CENTER_CHUNK].to(dt)
+        if labels is not None:
+            sums = sums.index_add(0, labels[s : s + _CENTER_CHUNK], xx)
+        else:
+            sums = sums + probs[s : s + _CENTER_CHUNK].to(dt).T @ xx
+    counts = torch.bincount(labels, minlength=k).to(dt) if labels is not None else probs.to(dt).sum(0)
     centers = torch.nn.functional.normalize(sums, dim=1) if normalize else sums / counts.clamp_min(1e-12)[:, None]
     if previous is not None:
         prev = previous.to(dt)
@@ -155,7 +159,7 @@ def balance(probs_or_colsum: Tensor, n: Optional[int] = None, weights: Optional[
 def _sq_dist_to_nearest(x: Tensor, centers: Tensor, chunk_size: int) -> Tensor:
     out = []
     for s in range(0, x.shape[0], chunk_size):
-        out.append(1.0 - (x[s : s + chunk_size] @ centers.T).max(dim=1).values)
+        out.append(1.0 - (x[s : s + chunk_size].float() @ centers.T).max(dim=1).values)
     return torch.cat(out).clamp_min(0)
 
 
@@ -174,7 +178,7 @@ def kmeans_pp_init(x: Tensor, k: int, generator: torch.Generator, chunk_size: in
     trials = 2 + int(math.log(k))
     first = torch.randint(n, (1,), generator=generator, device=x.device)
     chosen = [first]
-    d = _sq_dist_to_nearest(x, x[first], chunk_size)
+    d = _sq_dist_to_nearest(x, x[first].float(), chunk_size)
     for _ in range(1, k):
         total = d.sum()
         if total <= 0:  # every row is already a seed (duplicates): any row will do
@@ -182,9 +186,9 @@ def kmeans_pp_init(x: Tensor, k: int, generator: torch.Generator, chunk_size: in
             continue
         cand = torch.multinomial(d / total, trials, replacement=True, generator=generator)
         # [N, trials] distances to each candidate, chunked like every other pass over x
-        dc = torch.cat([1.0 - x[s : s + chunk_size] @ x[cand].T for s in range(0, n, chunk_size)])
+        dc = torch.cat([1.0 - x[s : s + chunk_size].float() @ x[cand].float().T for s in range(0, n, chunk_size)])
         dc = torch.minimum(d[:, None], dc.clamp_min(0))
         best = int(dc.sum(0).argmin())
         chosen.append(cand[best : best + 1])
         d = dc[:, best]
-    return x[torch.cat(chosen)].clone()
+    return x[torch.cat(chosen)].float()
