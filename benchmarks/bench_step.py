@@ -1,0 +1,304 @@
+"""The fused stage-1 training step and the extension's CPU op paths against their peers.
+
+    python -m benchmarks.bench_step [--quick] [--threads N] [--json out.json]
+
+Step rows (batch B in {512, 4096}, D = 512, K in {10, 100, 1000}; hidden 512, Adam):
+  eager     heads forward on [2B, D] x 2, the Python loss graph of `stage1.train_stage1`
+            (`semclust.fused_step.fused_step_reference`), backward, optimiser step
+  compile   the same step with heads + loss under torch.compile (inductor); compile time is
+            reported apart and not counted; skipped where it fails on the machine
+  ext       the heads, then `fused_step` (the C++ extension: loss and logit gradients in
+            one call), backward through the heads, optimiser step
+  The "loss" columns time the part the extension replaces (loss forward + backward to the
+  logits) on the same inputs; the step columns include the heads' GEMMs, which are the
+  same torch calls on every path.
+
+Op rows (CPU): assign / knn through the extension vs a bare GEMM of the same shape (the
+floor: x c^T for assign; the chunked N x N product into a reused buffer for knn), vs
+the torch backend, and knn vs faiss-cpu IndexFlatIP (exact; it searches k+1 and drops
+the query itself). retrieve and center_update vs the torch backend.
+
+Timing: wall clock, median of the repeats (min in the JSON), after a warm-up call.
+The machine this was written on has 2 cores shared with other work; when the
+2-thread numbers are noisy, compare with `--threads 1` (one thread on every path,
+faiss's own BLAS threads included).
+Memory: growth of the process's peak RSS during one call, after malloc_trim and a
+reset of the peak (/proc/self/clear_refs; whole-process, Linux/glibc only; "-" elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# ---- measurement -------------------------------------------------------------------------
+
+
+def _proc_status() -> dict[str, int]:
+    with open("/proc/self/status") as f:
+        return {k: int(v.split()[0]) * 1024 for k, v in (ln.split(":", 1) for ln in f) if k in ("VmHWM", "VmRSS")}
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap memory back to the OS (glibc), so that a call's allocations show in
+    the RSS instead of being served from memory an earlier call left behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_mb(fn: Callable[[], object]) -> Optional[float]:
+    """Peak RSS growth (MiB) of one call, or None where /proc is not available."""
+    try:
+        _malloc_trim()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        base = _proc_status()["VmRSS"]
+        fn()
+        return round(max(_proc_status()["VmHWM"] - base, 0) / 2**20, 1)
+    except OSError:
+        return None
+
+
+def timeit(fn: Callable[[], object], repeats: int) -> dict[str, float]:
+    return timeit_many({"f": fn}, repeats)["f"]
+
+
+def timeit_many(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict[str, float]]:
+    """Time several callables round-robin (one call of each per round), so that load
+    from other processes on a shared machine hits them alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    ts: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            ts[name].append(time.perf_counter() - t)
+    return {name: {"median_ms": 1e3 * statistics.median(v), "min_ms": 1e3 * min(v)} for name, v in ts.items()}
+
+
+# ---- the stage-1 step ---------------------------------------------------------------------
+
+LOSS_KW = dict(cluster_tau=0.5, center_tau=0.1, w_instance=0.5, w_assignment=1.0, w_center=1.0, w_balance=2.0)
+
+
+def _step_inputs(b: int, k: int, d: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    unit = lambda n: F.normalize(torch.randn(n, d, generator=g), dim=1)  # noqa: E731
+    u, v = unit(b), unit(b)
+    x_i, x_t = torch.cat([u, unit(b)]), torch.cat([v, unit(b)])  # batch rows, then neighbour rows
+    centers = unit(k)
+    weights = torch.rand(k, generator=g) + 0.5
+    return x_i, x_t, u, v, centers, weights
+
+
+def bench_step(b: int, k: int, d: int, repeats: int, with_compile: bool) -> dict:
+    from semclust.fused_step import fused_step_ext, fused_step_reference
+    from semclust.heads import Heads
+
+    x_i, x_t, u, v, centers, weights = _step_inputs(b, k, d)
+    torch.manual_seed(0)
+    heads = Heads(d, k, 512)
+    opt = torch.optim.Adam(heads.parameters(), lr=1e-3)
+
+    def make_step(loss_fn):
+        def step():
+            opt.zero_grad(set_to_none=True)
+            li, lt = heads.image(x_i), heads.text(x_t)
+            loss = loss_fn(li, lt, u, v, centers, weights, **LOSS_KW).loss
+            loss.backward()
+            opt.step()
+            return loss
+        return step
+
+    def make_loss_only(loss_fn):
+        li0, lt0 = heads.image(x_i).detach(), heads.text(x_t).detach()
+
+        def run():
+            li, lt = li0.clone().requires_grad_(), lt0.clone().requires_grad_()
+            loss_fn(li, lt, u, v, centers, weights, **LOSS_KW).loss.backward()
+            return li.grad
+        return run
+
+    row = {"B": b, "K": k, "D": d}
+    impls = {"eager": fused_step_reference, "ext": fused_step_ext}
+    if with_compile:
+        try:
+            compiled = torch.compile(fused_step_reference)
+            t0 = time.perf_counter()
+            make_step(compiled)()
+            make_loss_only(compiled)()
+            row["compile"] = {"compile_s": round(time.perf_counter() - t0, 1)}
+            impls["compile"] = compiled
+        except Exception as e:  # inductor needs a working compiler toolchain
+            row["compile"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    steps = timeit_many({name: make_step(fn) for name, fn in impls.items()}, repeats)
+    loss_only = timeit_many({name: make_loss_only(fn) for name, fn in impls.items()}, repeats)
+    for name, fn in impls.items():
+        row.setdefault(name, {}).update(steps[name])
+        row[name]["loss_only"] = loss_only[name]
+        row[name]["peak_mb"] = peak_mb(make_step(fn))
+    row["ext_speedup_step"] = row["eager"]["median_ms"] / row["ext"]["median_ms"]
+    row["ext_speedup_loss"] = row["eager"]["loss_only"]["median_ms"] / row["ext"]["loss_only"]["median_ms"]
+    return row
+
+
+# ---- the CPU op paths ---------------------------------------------------------------------
+
+
+def bench_ops(quick: bool, repeats: int) -> list[dict]:
+    from semclust.ops import reference as R
+
+    E = torch.ops.semclust_ext
+    g = torch.Generator().manual_seed(0)
+    unit = lambda n, d: F.normalize(torch.randn(n, d, generator=g), dim=1)  # noqa: E731
+    rows = []
+    d = 512
+    for n, k in ([(20000, 10), (20000, 100)] if quick else [(50000, 10), (50000, 100), (20000, 1000)]):
+        x, c = unit(n, d), unit(k, d)
+        ext_t = timeit(lambda: E.assign(x, c, 0.1, False), repeats)
+        gemm_t = timeit(lambda: x @ c.T, repeats)
+        torch_t = timeit(lambda: R.assign(x, c, 0.1), repeats)
+        rows.append({"op": "assign", "shape": f"N={n} K={k} D={d}", "ext_ms": ext_t["median_ms"],
+                     "gemm_ms": gemm_t["median_ms"], "torch_ms": torch_t["median_ms"],
+                     "ext_over_gemm": ext_t["median_ms"] / gemm_t["median_ms"],
+                     "speedup_vs_torch": torch_t["median_ms"] / ext_t["median_ms"],
+                     "ext_peak_mb": peak_mb(lambda: E.assign(x, c, 0.1, False)),
+                     "torch_peak_mb": peak_mb(lambda: R.assign(x, c, 0.1))})
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+    for n, kk, dd in ([(5000, 50, 512)] if quick else [(20000, 50, 512), (20000, 50, 64)]):
+        x = unit(n, dd)
+        buf = torch.empty(4096, n)
+
+        def gemm():
+            for s in range(0, n, 4096):
+                q = x[s : s + 4096]
+                torch.mm(q, x.T, out=buf[: q.shape[0]])
+
+        reps = max(1, repeats // 2)
+        ext_t = timeit(lambda: E.knn(x, None, kk, True), reps)
+        gemm_t = timeit(gemm, reps)
+        row = {"op": "knn", "shape": f"N={n} D={dd} k={kk}", "ext_ms": ext_t["median_ms"], "gemm_ms": gemm_t["median_ms"],
+               "ext_over_gemm": ext_t["median_ms"] / gemm_t["median_ms"],
+               "ext_peak_mb": peak_mb(lambda: E.knn(x, None, kk, True))}
+        if quick or n <= 5000:
+            torch_t = timeit(lambda: R.knn(x, kk), 1)
+            row["torch_ms"] = torch_t["median_ms"]
+            row["speedup_vs_torch"] = torch_t["median_ms"] / ext_t["median_ms"]
+        if faiss is not None:
+            faiss.omp_set_num_threads(torch.get_num_threads())
+            index = faiss.IndexFlatIP(dd)
+            xn = x.numpy()
+            index.add(xn)
+            fa_t = timeit(lambda: index.search(xn, kk + 1), reps)
+            row["faiss_ms"] = fa_t["median_ms"]
+            row["faiss_over_ext"] = fa_t["median_ms"] / ext_t["median_ms"]
+        rows.append(row)
+    for n, w in ([(5000, 1000)] if quick else [(20000, 1000), (20000, 5000)]):
+        x, bank = unit(n, d), unit(w, d)
+        ext_t = timeit(lambda: E.retrieve(x, bank, 0.005, True), repeats)
+        torch_t = timeit(lambda: R.retrieve(x, bank, 0.005), repeats)
+        rows.append({"op": "retrieve", "shape": f"N={n} W={w} D={d}", "ext_ms": ext_t["median_ms"],
+                     "torch_ms": torch_t["median_ms"], "speedup_vs_torch": torch_t["median_ms"] / ext_t["median_ms"]})
+    for n, k in ([(20000, 100)] if quick else [(100000, 10), (100000, 300), (512, 10)]):
+        x, lab = unit(n, d), torch.randint(k, (n,), generator=g)
+        p, prev = torch.softmax(torch.randn(n, k, generator=g), 1), unit(k, d)
+        for mode, e_fn, t_fn in (
+            ("hard", lambda: E.center_update(x, k, lab, None, True, None, 0.0), lambda: R.center_update(x, k, labels=lab)),
+            ("soft+EMA", lambda: E.center_update(x, k, None, p, True, prev, 0.9),
+             lambda: R.center_update(x, k, probs=p, previous=prev, momentum=0.9)),
+        ):
+            ext_t, torch_t = timeit(e_fn, repeats), timeit(t_fn, repeats)
+            rows.append({"op": f"center_update {mode}", "shape": f"N={n} K={k} D={d}", "ext_ms": ext_t["median_ms"],
+                         "torch_ms": torch_t["median_ms"], "speedup_vs_torch": torch_t["median_ms"] / ext_t["median_ms"]})
+    return rows
+
+
+# ---- report --------------------------------------------------------------------------------
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.2f}" if v < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def _table(rows: list[dict], cols: Sequence[str]) -> str:
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(cols), "-" * (sum(widths) + 2 * len(widths)), *(line(r) for r in cells)])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke run)")
+    p.add_argument("--threads", type=int, default=None, help="torch / OpenMP / faiss threads (default: torch's)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--no-ops", action="store_true", help="skip the CPU op rows")
+    p.add_argument("--json", help="write the results here")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+        os.environ["OPENBLAS_NUM_THREADS"] = str(a.threads)  # faiss-cpu's BLAS, read when it loads
+    from semclust import ext
+
+    ext.build()
+    repeats = 2 if a.quick else 5
+    shapes = [(512, 10), (512, 100)] if a.quick else [(b, k) for b in (512, 4096) for k in (10, 100, 1000)]
+    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": sys.version.split()[0],
+            "ext": ext.build_name("cpu")}
+    print(f"# {meta}")
+    steps = []
+    for b, k in shapes:
+        row = bench_step(b, k, 512, repeats, with_compile=not a.no_compile)
+        steps.append(row)
+        flat = {"B": b, "K": k, "eager ms": row["eager"]["median_ms"], "ext ms": row["ext"]["median_ms"],
+                "compile ms": row.get("compile", {}).get("median_ms"),
+                "ext x step": row["ext_speedup_step"],
+                "eager loss ms": row["eager"]["loss_only"]["median_ms"], "ext loss ms": row["ext"]["loss_only"]["median_ms"],
+                "ext x loss": row["ext_speedup_loss"],
+                "eager MB": row["eager"]["peak_mb"], "ext MB": row["ext"]["peak_mb"],
+                "compile MB": row.get("compile", {}).get("peak_mb")}
+        print(_table([flat], list(flat)), flush=True)
+        if "error" in row.get("compile", {}):
+            print(f"  torch.compile: {row['compile']['error']}")
+    cols = ["B", "K", "eager ms", "compile ms", "ext ms", "ext x step", "eager loss ms", "ext loss ms", "ext x loss",
+            "eager MB", "compile MB", "ext MB"]
+    table_rows = [{"B": r["B"], "K": r["K"], "eager ms": r["eager"]["median_ms"], "compile ms": r.get("compile", {}).get("median_ms"),
+                   "ext ms": r["ext"]["median_ms"], "ext x step": r["ext_speedup_step"],
+                   "eager loss ms": r["eager"]["loss_only"]["median_ms"], "ext loss ms": r["ext"]["loss_only"]["median_ms"],
+                   "ext x loss": r["ext_speedup_loss"], "eager MB": r["eager"]["peak_mb"],
+                   "compile MB": r.get("compile", {}).get("peak_mb"), "ext MB": r["ext"]["peak_mb"]} for r in steps]
+    print("\nstage-1 step (median ms; 'x' = eager / ext)\n" + _table(table_rows, cols))
+    ops_rows = [] if a.no_ops else bench_ops(a.quick, repeats)
+    if ops_rows:
+        print("\nCPU op paths (median ms)\n" + _table(ops_rows, ["op", "shape", "ext_ms", "gemm_ms", "torch_ms", "faiss_ms",
+                                                                "ext_over_gemm", "speedup_vs_torch", "faiss_over_ext"]))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"meta": meta, "steps": steps, "ops": ops_rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

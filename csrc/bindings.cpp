@@ -1,0 +1,67 @@
+// The extension's one binding file: operator schemas (namespace `semclust_ext`) and their
+// CPU kernels. The CUDA library (fused_step.cu, built separately) adds CUDA kernels for
+// `fused_step` to the same operators. Python (semclust/ext.py) loads the libraries with
+// torch.ops.load_library and registers fake (meta) kernels for torch.compile.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+
+namespace semclust_ext {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_step_cpu(
+    const at::Tensor& logits_i, const at::Tensor& logits_t, const at::Tensor& u, const at::Tensor& v,
+    const c10::optional<at::Tensor>& centers, const c10::optional<at::Tensor>& weights, double cluster_tau,
+    double center_tau, double w_instance, double w_assignment, double w_center, double w_balance);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> assign_cpu(const at::Tensor& x, const at::Tensor& c,
+                                                                      double tau, bool return_probs);
+
+at::Tensor retrieve_cpu(const at::Tensor& x, const at::Tensor& bank, double tau, bool normalize);
+
+std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& queries, int64_t k,
+                                           bool exclude_self);
+
+std::tuple<at::Tensor, at::Tensor> center_update_cpu(const at::Tensor& x, int64_t k,
+                                                     const c10::optional<at::Tensor>& labels,
+                                                     const c10::optional<at::Tensor>& probs, bool normalize,
+                                                     const c10::optional<at::Tensor>& previous, double momentum);
+
+namespace {
+std::string build_info() {
+  std::string s = "semclust_ext CPU kernels; ";
+  s += at::get_parallel_info();
+  return s;
+}
+}  // namespace
+
+}  // namespace semclust_ext
+
+TORCH_LIBRARY(semclust_ext, m) {
+  // fused_step returns (losses [5] = total, instance, assignment, center, balance;
+  // grad_logits_i; grad_logits_t; probs_i; probs_t; marginal [K] = (pbar + qbar) / 2)
+  m.def(
+      "fused_step(Tensor logits_i, Tensor logits_t, Tensor u, Tensor v, Tensor? centers, Tensor? weights, "
+      "float cluster_tau, float center_tau, float w_instance, float w_assignment, float w_center, float w_balance) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // assign returns (labels, conf, colsum, probs); probs is [0, K] unless return_probs
+  m.def("assign(Tensor x, Tensor c, float tau, bool return_probs) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("retrieve(Tensor x, Tensor bank, float tau, bool normalize) -> Tensor");
+  m.def("knn(Tensor x, Tensor? queries, int k, bool exclude_self) -> (Tensor, Tensor)");
+  m.def(
+      "center_update(Tensor x, int k, Tensor? labels, Tensor? probs, bool normalize, Tensor? previous, "
+      "float momentum) -> (Tensor, Tensor)");
+  m.def("build_info() -> str", &semclust_ext::build_info);
+}
+
+TORCH_LIBRARY_IMPL(semclust_ext, CPU, m) {
+  m.impl("fused_step", &semclust_ext::fused_step_cpu);
+  m.impl("assign", &semclust_ext::assign_cpu);
+  m.impl("retrieve", &semclust_ext::retrieve_cpu);
+  m.impl("knn", &semclust_ext::knn_cpu);
+  m.impl("center_update", &semclust_ext::center_update_cpu);
+}

@@ -1,0 +1,618 @@
+"""The `ext` backend: the C++ (OpenMP) / CUDA extension in `csrc/`, JIT-built with
+`torch.utils.cpp_extension` + ninja, cached, and registered with the op dispatcher.
+
+What it provides:
+  * `fused_step` (CPU and CUDA): the stage-1 loss and its logit gradients in one call
+    (see `semclust.fused_step`).
+  * CPU fast paths of `assign` and `knn` (GEMM tile + fused epilogue per thread; see
+    `csrc/ops_cpu.cpp`), registered because they beat the torch backend on CPU (measured
+    by `benchmarks/bench_step.py` on a 2-core AVX-512 machine: assign ~1.5-3x, knn 5-20x
+    faster). `retrieve` is compiled too, but not registered: it was no faster than the
+    torch backend (both are two GEMMs and a softmax), so the dispatcher keeps using
+    torch for it; `torch.ops.semclust_ext.retrieve` stays callable.
+  Each is a `torch.ops.semclust_ext.*` operator (TORCH_LIBRARY schemas in
+  `csrc/bindings.cpp`, the C++ counterpart of `torch.library.custom_op`) with a fake
+  (meta) kernel registered here, so they trace under torch.compile. The ops are
+  forward kernels; gradients w.r.t. assign / knn inputs are computed by recomputing the
+  reference on the backward pass, so results stay differentiable like the reference's.
+
+Build policy (no import ever compiles unless you ask for the ext backend):
+  * Importing this module loads an already-built library from the cache (a dlopen) and
+    registers the ops; the automatic backend choice then prefers `ext`.
+  * When nothing is built, importing registers nothing: the backend reports "not built"
+    and the automatic choice stays on `torch`. Build once with `semclust build-ext`
+    (`--cuda` adds the CUDA part), or call `semclust.ext.build()`.
+  * Forcing the backend (`SEMCLUST_BACKEND=ext` or `semclust.ops.use_backend("ext")`)
+    before its first use builds on that first use (a few minutes, once). Forcing it
+    after the process has already found it unbuilt raises with that explanation.
+  * A missing compiler or ninja, a failing build, or a CPU-only torch for the CUDA part
+    raise `ExtensionBuildError` naming the cause and the fix; the torch backend keeps
+    working.
+
+Cache: `$SEMCLUST_EXT_DIR`, else `$XDG_CACHE_HOME/semclust/ext` (`~/.cache/semclust/ext`).
+Each build lives in `<cache>/semclust_ext_{cpu,cuda}_<hash>`, the hash covering the
+sources, the flags, the torch / CUDA versions and the host CPU (the CPU part is built
+with -march=native), so any change to them builds afresh and stale builds are never
+loaded. `TORCH_CUDA_ARCH_LIST` picks the CUDA architectures (default "8.0;9.0").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .ops import _dispatch, reference
+from .ops._dispatch import BackendUnavailable, register
+from .ops.reference import AssignResult
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "semclust_ext"
+CPU_SOURCES = ("bindings.cpp", "fused_step.cpp", "ops_cpu.cpp")
+CPU_HEADERS = ("cpu_math.h",)
+CUDA_SOURCES = ("fused_step.cu",)
+CPU_CFLAGS = ("-O3", "-march=native", "-fopenmp")
+CPU_LDFLAGS = ("-fopenmp",)
+CUDA_CFLAGS = ("-O3",)
+CUDA_NVCC_FLAGS = ("-O3",)  # no --use_fast_math: the kernels must match the CPU path and the reference
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
+# ops registered with the dispatcher as `ext` implementations (measured faster; see above)
+REGISTERED_OPS = ("fused_step", "assign", "knn", "center_update", "retrieve")
+_STAMP = "BUILT"
+
+
+class ExtensionBuildError(RuntimeError):
+    """The extension could not be built or loaded; the message says why and how to fix it."""
+
+
+class ExtensionNotBuilt(ExtensionBuildError):
+    """The extension is not built yet (and nothing asked to build it)."""
+
+
+# ---- where things are ------------------------------------------------------------------
+
+def source_dir() -> Path:
+    """The installed `csrc/` folder (package `semclust.csrc`)."""
+    import semclust.csrc
+
+    return Path(semclust.csrc.__path__[0])
+
+
+def cache_dir() -> Path:
+    """Root of the build cache: $SEMCLUST_EXT_DIR, else $XDG_CACHE_HOME/semclust/ext."""
+    env = os.environ.get("SEMCLUST_EXT_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "semclust" / "ext"
+
+
+def _cpu_fingerprint() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        keep = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))][:2]
+        return "\n".join(keep)
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _cuda_arch_list() -> str:
+    return os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCH_LIST
+
+
+def _cuda_arch_flags() -> list[str]:
+    """-gencode flags for TORCH_CUDA_ARCH_LIST ("8.0;9.0", "8.6+PTX", ...)."""
+    flags = []
+    for item in _cuda_arch_list().replace(",", ";").replace(" ", ";").split(";"):
+        if not item:
+            continue
+        arch = item.replace("+PTX", "")
+        num = arch.replace(".", "")
+        if not num.isdigit() and not (num[:-1].isdigit() and num[-1] in "af"):
+            raise ExtensionBuildError(f"TORCH_CUDA_ARCH_LIST has {item!r}; use entries like 8.0, 9.0 or 9.0+PTX")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if item.endswith("+PTX"):
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return flags
+
+
+def _part_sources(part: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(compiled sources, other files the build depends on). The CUDA library adds kernels
+    to the operators bindings.cpp defines, so their schemas are part of its identity."""
+    return (CPU_SOURCES, CPU_HEADERS) if part == "cpu" else (CUDA_SOURCES, ("bindings.cpp",))
+
+
+def build_name(part: str = "cpu") -> str:
+    """`semclust_ext_<part>_<hash>`: the hash covers sources, flags and toolchain."""
+    sources, headers = _part_sources(part)
+    h = hashlib.sha256()
+    src = source_dir()
+    for name in sources + headers:
+        h.update(name.encode())
+        h.update((src / name).read_bytes())
+    h.update(repr((torch.__version__, sys.version_info[:2], platform.machine())).encode())
+    if part == "cpu":
+        h.update(repr((CPU_CFLAGS, CPU_LDFLAGS)).encode())
+        h.update(_cpu_fingerprint().encode())
+    else:
+        h.update(repr((CUDA_CFLAGS, CUDA_NVCC_FLAGS, torch.version.cuda, _cuda_arch_list())).encode())
+    return f"{NAMESPACE}_{part}_{h.hexdigest()[:12]}"
+
+
+def build_dir(part: str = "cpu") -> Path:
+    return cache_dir() / build_name(part)
+
+
+def library_path(part: str = "cpu", directory: Optional[Path] = None) -> Path:
+    directory = directory or build_dir(part)
+    return directory / f"{directory.name}.so"
+
+
+def is_built(part: str = "cpu") -> bool:
+    """A finished build for the current sources exists in the cache."""
+    d = build_dir(part)
+    return (d / _STAMP).exists() and library_path(part, d).exists()
+
+
+# ---- toolchain checks ------------------------------------------------------------------
+
+def _check_cxx() -> None:
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise ExtensionBuildError(
+            f"no C++ compiler: CXX={cxx!r} was not found. Install one (e.g. `apt-get install g++` or "
+            "`conda install gxx`) or set CXX to its path, then run `semclust build-ext`. "
+            "Until then the torch backend keeps working."
+        )
+    if not cpp_extension.is_ninja_available():
+        raise ExtensionBuildError(
+            "ninja is not available: `pip install ninja` (the extension is built with it), then run `semclust build-ext`."
+        )
+
+
+def _find_cuda_home() -> Optional[str]:
+    from torch.utils import cpp_extension
+
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME,
+                  "/usr/local/cuda", "/opt/cuda"]
+    for c in candidates:
+        if not c:
+            continue
+        home = Path(c)
+        has_rt = any((home / lib / "libcudart.so").exists() for lib in ("lib64", "lib", "targets/x86_64-linux/lib"))
+        if (home / "bin" / "nvcc").exists() and has_rt:
+            return str(home)
+    return None
+
+
+def _check_cuda() -> None:
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None:
+        raise ExtensionBuildError(
+            f"the CUDA part needs a CUDA build of torch, but this torch ({torch.__version__}) is CPU-only. "
+            "Install a CUDA wheel (https://pytorch.org/get-started/locally/) or build the CPU part alone "
+            "(`semclust build-ext` without --cuda)."
+        )
+    home = _find_cuda_home()
+    if home is None:
+        raise ExtensionBuildError(
+            "no CUDA toolkit found for the CUDA part: set CUDA_HOME to the folder holding bin/nvcc and "
+            "lib64/libcudart.so (e.g. CUDA_HOME=/usr/local/cuda), or install the toolkit matching "
+            f"torch's CUDA {torch.version.cuda}."
+        )
+    if cpp_extension.CUDA_HOME != home:
+        # torch guesses CUDA_HOME once at import (from `which nvcc`, which may be a wrapper
+        # script outside the toolkit) and would link against a missing -lcudart
+        log.info("using CUDA_HOME=%s (torch guessed %s)", home, cpp_extension.CUDA_HOME)
+        cpp_extension.CUDA_HOME = home
+        os.environ["CUDA_HOME"] = home
+
+
+# ---- build and load --------------------------------------------------------------------
+
+_loaded: dict[str, Path] = {}
+
+
+def _compile(part: str, directory: Path, verbose: bool) -> Path:
+    """Compile and load `part` into this process with cpp_extension.load (ninja)."""
+    from torch.utils import cpp_extension
+
+    sources, _ = _part_sources(part)
+    src = source_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    kwargs = dict(
+        name=directory.name,
+        sources=[str(src / s) for s in sources],
+        extra_include_paths=[str(src)],
+        build_directory=str(directory),
+        verbose=verbose,
+        is_python_module=False,
+    )
+    if part == "cpu":
+        kwargs.update(extra_cflags=list(CPU_CFLAGS), extra_ldflags=list(CPU_LDFLAGS), with_cuda=False)
+    else:
+        kwargs.update(extra_cflags=list(CUDA_CFLAGS), extra_cuda_cflags=list(CUDA_NVCC_FLAGS) + _cuda_arch_flags(),
+                      with_cuda=True)
+    t0 = time.perf_counter()
+    try:
+        cpp_extension.load(**kwargs)
+    except Exception as e:
+        out = str(e).strip().splitlines()
+        # the compiler's own error lines (ninja -v also echoes every command line, which
+        # would bury them) and the targets that failed
+        errors = [ln for ln in out if re.search(r"\berror\b", ln, re.I) and not re.search(r"\s-c\s", ln)]
+        failed = [ln for ln in out if ln.startswith("FAILED:")]
+        tail = "\n".join(dict.fromkeys(errors[:20] + failed[:5])) or "\n".join(out[-15:])
+        raise ExtensionBuildError(
+            f"building the semclust {part.upper()} extension failed in {directory} "
+            f"({type(e).__name__}). The compiler said:\n{tail}\n"
+            "Check the compiler (CXX) and, for the CUDA part, CUDA_HOME / nvcc; rerun with "
+            "`semclust -v build-ext` for the full log. The torch backend keeps working meanwhile."
+        ) from e
+    (directory / _STAMP).write_text(f"{directory.name}\nbuilt in {time.perf_counter() - t0:.1f}s\n")
+    return library_path(part, directory)
+
+
+_CHILD_ERROR = "semclust-ext-build-error:"
+
+
+def _build_in_subprocess(part: str, directory: Path, verbose: bool) -> Path:
+    """Compile in a child process: nothing is loaded here (used for builds into another
+    directory, e.g. the compile check of the CUDA part on a machine without a GPU)."""
+    code = (
+        "import sys, pathlib\n"
+        "from semclust import ext\n"
+        "try:\n"
+        "    print(ext._compile(sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3] == '1'))\n"
+        "except ext.ExtensionBuildError as e:\n"
+        f"    print({_CHILD_ERROR!r}, e, file=sys.stderr); sys.exit(3)\n"
+    )
+    env = dict(os.environ)
+    env.pop("SEMCLUST_BACKEND", None)  # the child must not build the cached library on import
+    r = subprocess.run([sys.executable, "-c", code, part, str(directory), "1" if verbose else "0"],
+                       capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        msg = r.stderr.strip()
+        if _CHILD_ERROR in msg:
+            msg = msg.split(_CHILD_ERROR, 1)[1].strip()
+        else:
+            msg = f"the build process failed (exit {r.returncode}):\n" + "\n".join(msg.splitlines()[-40:])
+        raise ExtensionBuildError(msg)
+    return Path(r.stdout.strip().splitlines()[-1])
+
+
+def load(part: str = "cpu") -> Path:
+    """Load an already-built library from the cache (no compiling)."""
+    if part in _loaded:
+        return _loaded[part]
+    if not is_built(part):
+        raise ExtensionNotBuilt(_not_built_message(part))
+    if part == "cuda" and "cpu" not in _loaded:
+        load("cpu")  # the CUDA library adds kernels to the operators the CPU one defines
+    path = library_path(part)
+    torch.ops.load_library(str(path))
+    _loaded[part] = path
+    log.info("loaded the semclust %s extension from %s", part.upper(), path)
+    if part == "cpu":
+        _register_fakes()
+        _activate()
+    return path
+
+
+def build(cuda: bool = False, *, verbose: bool = False, directory: Optional[Path | str] = None, load_it: bool = True) -> Path:
+    """Build (if needed) and load the extension; returns the library path.
+
+    Args:
+        cuda: build the CUDA part (and the CPU part it extends) instead of the CPU part only.
+        verbose: show the compiler commands.
+        directory: build into this folder instead of the cache (implies ``load_it=False``:
+            the operators can be registered only once per process).
+        load_it: load the library into this process (otherwise it is compiled in a child
+            process; used for compile checks).
+    Raises:
+        ExtensionBuildError: missing compiler / ninja / CUDA toolkit, CPU-only torch for
+            ``cuda=True``, or a failing build; the message says which and how to fix it.
+    """
+    part = "cuda" if cuda else "cpu"
+    if directory is None and load_it:
+        if cuda:
+            build(cuda=False, verbose=verbose)
+        if part in _loaded:
+            return _loaded[part]
+        if is_built(part):
+            return load(part)
+    _check_cxx()
+    if cuda:
+        _check_cuda()
+    if directory is not None or not load_it:
+        target = Path(directory) if directory is not None else build_dir(part)
+        log.info("compiling the semclust %s extension in %s", part.upper(), target)
+        return _build_in_subprocess(part, target, verbose)
+    log.warning("building the semclust %s extension in %s (once; a few minutes)", part.upper(), build_dir(part))
+    _compile(part, build_dir(part), verbose)
+    return load(part)
+
+
+def _not_built_message(part: str = "cpu") -> str:
+    flag = " --cuda" if part == "cuda" else ""
+    return (
+        f"the C++ extension is not built yet (looked for {build_dir(part)}); build it once with "
+        f"`semclust build-ext{flag}` or `semclust.ext.build({'cuda=True' if part == 'cuda' else ''})`, or force the ext "
+        "backend (SEMCLUST_BACKEND=ext) before its first use to build it then"
+    )
+
+
+def device_reason(device: torch.device) -> Optional[str]:
+    """Why the extension cannot run fused_step on `device` (None when it can)."""
+    if device.type == "cpu":
+        return None if "cpu" in _loaded else _not_built_message("cpu")
+    if device.type == "cuda":
+        if "cuda" in _loaded:
+            return None
+        if torch.version.cuda is None:
+            return "torch is a CPU-only build; the extension's CUDA part needs a CUDA build of torch"
+        return _not_built_message("cuda")
+    return f"the extension has no kernels for {device.type} tensors"
+
+
+def info() -> dict:
+    """Build/cache state, for logs and `semclust build-ext`."""
+    return {
+        "cache_dir": str(cache_dir()),
+        "cpu": {"name": build_name("cpu"), "built": is_built("cpu"), "loaded": "cpu" in _loaded},
+        "cuda": {"name": build_name("cuda"), "built": is_built("cuda"), "loaded": "cuda" in _loaded},
+        "registered_ops": list(REGISTERED_OPS) if "cpu" in _loaded else [],
+    }
+
+
+# ---- fake kernels (torch.compile) ------------------------------------------------------
+
+_FAKES_DONE = False
+
+
+def _register_fakes() -> None:
+    global _FAKES_DONE
+    if _FAKES_DONE:
+        return
+    _FAKES_DONE = True
+
+    @torch.library.register_fake(f"{NAMESPACE}::fused_step")
+    def _fused_step_fake(logits_i, logits_t, u, v, centers, weights, cluster_tau, center_tau,
+                         w_instance, w_assignment, w_center, w_balance):
+        k = logits_i.shape[1]
+        return (logits_i.new_empty(5), torch.empty_like(logits_i), torch.empty_like(logits_t),
+                torch.empty_like(logits_i), torch.empty_like(logits_t), logits_i.new_empty(k))
+
+    def _dt(*ts):
+        return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+    @torch.library.register_fake(f"{NAMESPACE}::assign")
+    def _assign_fake(x, c, tau, return_probs):
+        n, k, dt = x.shape[0], c.shape[0], _dt(x, c)
+        return (x.new_empty(n, dtype=torch.int64), x.new_empty(n, dtype=dt), x.new_empty(k, dtype=dt),
+                x.new_empty((n if return_probs else 0, k), dtype=dt))
+
+    @torch.library.register_fake(f"{NAMESPACE}::retrieve")
+    def _retrieve_fake(x, bank, tau, normalize):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(f"{NAMESPACE}::center_update")
+    def _center_update_fake(x, k, labels, probs, normalize, previous, momentum):
+        dt = _dt(x)
+        return x.new_empty((k, x.shape[1])), x.new_empty(k, dtype=dt)
+
+    @torch.library.register_fake(f"{NAMESPACE}::knn")
+    def _knn_fake(x, queries, k, exclude_self):
+        q = x if queries is None else queries
+        return q.new_empty((q.shape[0], k)), q.new_empty((q.shape[0], k), dtype=torch.int64)
+
+
+# ---- dispatcher implementations --------------------------------------------------------
+
+def _needs_grad(*ts: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def _cpu_only(op: str, device: torch.device) -> None:
+    raise BackendUnavailable(
+        f"backend 'ext' was forced but implements {op} on CPU tensors only (got {device.type}); "
+        "use the triton or torch backend for GPU tensors"
+    )
+
+
+class _AssignFn(torch.autograd.Function):
+    """Extension forward; the backward recomputes the reference in chunks (exact gradients
+    of the same function, at the reference's speed)."""
+
+    @staticmethod
+    def forward(ctx, x, c, tau, return_probs, chunk_size):
+        labels, conf, colsum, probs = torch.ops.semclust_ext.assign(x, c, tau, return_probs)
+        ctx.save_for_backward(x, c)
+        ctx.args = (tau, return_probs, chunk_size)
+        ctx.mark_non_differentiable(labels)
+        return labels, conf, colsum, probs if return_probs else None
+
+    @staticmethod
+    def backward(ctx, _g_labels, g_conf, g_colsum, g_probs):
+        x, c = ctx.saved_tensors
+        tau, return_probs, chunk_size = ctx.args
+        with torch.enable_grad():
+            xs = x.detach().requires_grad_(ctx.needs_input_grad[0])
+            cs = c.detach().requires_grad_(ctx.needs_input_grad[1])
+            r = reference.assign(xs, cs, tau, return_probs=return_probs, chunk_size=chunk_size)
+            pairs = [(o, g) for o, g in ((r.conf, g_conf), (r.colsum, g_colsum), (r.probs, g_probs)) if g is not None and o is not None]
+            inputs = [t for t in (xs, cs) if t.requires_grad]
+            grads = iter(torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True))
+        gx = next(grads) if xs.requires_grad else None
+        gc = next(grads) if cs.requires_grad else None
+        return gx, gc, None, None, None
+
+
+def _assign(x: Tensor, c: Tensor, tau: float, return_probs: bool = False, chunk_size: int = 65536) -> AssignResult:
+    if x.device.type != "cpu":
+        if _dispatch.forced() == "ext":
+            _cpu_only("assign", x.device)
+        return reference.assign(x, c, tau, return_probs=return_probs, chunk_size=chunk_size)
+    if _needs_grad(x, c):
+        return AssignResult(*_AssignFn.apply(x, c, float(tau), bool(return_probs), int(chunk_size)))
+    labels, conf, colsum, probs = torch.ops.semclust_ext.assign(x, c, float(tau), bool(return_probs))
+    return AssignResult(labels, conf, colsum, probs if return_probs else None)
+
+
+class _KnnFn(torch.autograd.Function):
+    """Extension forward; scores_ij = <q_i, x_idx_ij> is differentiated directly."""
+
+    @staticmethod
+    def forward(ctx, x, queries, k, exclude_self):
+        scores, idx = torch.ops.semclust_ext.knn(x, queries, k, exclude_self)
+        ctx.save_for_backward(x, queries, idx)
+        ctx.mark_non_differentiable(idx)
+        return scores, idx
+
+    @staticmethod
+    def backward(ctx, g_scores, _g_idx):
+        x, queries, idx = ctx.saved_tensors
+        with torch.enable_grad():
+            xs = x.detach().requires_grad_(True)
+            qs = xs if queries is None else queries.detach().requires_grad_(True)
+            dt = reference._compute_dtype(xs, qs)
+            scores = (qs.to(dt)[:, None, :] * xs.to(dt)[idx]).sum(-1).to(qs.dtype)
+            inputs = [xs] if queries is None else [xs, qs]
+            grads = torch.autograd.grad(scores, inputs, g_scores)
+        gx = grads[0] if ctx.needs_input_grad[0] else None
+        gq = grads[1] if queries is not None and ctx.needs_input_grad[1] else None
+        return gx, gq, None, None
+
+
+def _knn(x: Tensor, k: int, queries: Optional[Tensor] = None, exclude_self: bool = True,
+         query_chunk: int = 4096, database_chunk: int = 65536) -> tuple[Tensor, Tensor]:
+    if x.device.type != "cpu":
+        if _dispatch.forced() == "ext":
+            _cpu_only("knn", x.device)
+        return reference.knn(x, k, queries=queries, exclude_self=exclude_self, query_chunk=query_chunk,
+                             database_chunk=database_chunk)
+    if _needs_grad(x, queries):
+        return _KnnFn.apply(x, queries, int(k), bool(exclude_self))
+    return torch.ops.semclust_ext.knn(x, queries, int(k), bool(exclude_self))
+
+
+class _RecomputeFn(torch.autograd.Function):
+    """Extension forward for a differentiable op; the backward re-runs the reference
+    under autograd (exact gradients of the same function, at the reference's speed).
+    `fn(*tensors)` is the extension call, `ref(*tensors)` the reference; both return a
+    tuple whose non-float entries are not differentiable."""
+
+    @staticmethod
+    def forward(ctx, fn, ref, *tensors):
+        out = fn(*tensors)
+        ctx.ref = ref
+        ctx.save_for_backward(*[t if isinstance(t, Tensor) else None for t in tensors])
+        ctx.mark_non_differentiable(*[o for o in out if isinstance(o, Tensor) and not o.is_floating_point()])
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(need) if t is not None and t.is_floating_point() else t
+                      for t, need in zip(saved, ctx.needs_input_grad[2:])]
+            outs = ctx.ref(*inputs)
+            pairs = [(o, g) for o, g in zip(outs, grads)
+                     if g is not None and isinstance(o, Tensor) and o.requires_grad]
+            wanted = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
+            got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+                       if pairs and wanted else ())
+        return (None, None, *[next(got, None) if isinstance(t, Tensor) and t.requires_grad else None for t in inputs])
+
+
+def _center_update(x: Tensor, k: int, labels: Optional[Tensor] = None, probs: Optional[Tensor] = None,
+                   normalize: bool = True, previous: Optional[Tensor] = None, momentum: float = 0.0) -> tuple[Tensor, Tensor]:
+    if x.device.type != "cpu":
+        if _dispatch.forced() == "ext":
+            _cpu_only("center_update", x.device)
+        return reference.center_update(x, k, labels=labels, probs=probs, normalize=normalize, previous=previous,
+                                       momentum=momentum)
+    args = (int(k), bool(normalize), float(momentum))
+    if _needs_grad(x, probs, previous):
+        def fn(x_, labels_, probs_, previous_):
+            return torch.ops.semclust_ext.center_update(x_, args[0], labels_, probs_, args[1], previous_, args[2])
+
+        def ref(x_, labels_, probs_, previous_):
+            return reference.center_update(x_, args[0], labels=labels_, probs=probs_, normalize=args[1],
+                                           previous=previous_, momentum=args[2])
+
+        return _RecomputeFn.apply(fn, ref, x, labels, probs, previous)
+    return torch.ops.semclust_ext.center_update(x, args[0], labels, probs, args[1], previous, args[2])
+
+
+def _retrieve(x: Tensor, bank: Tensor, tau: float, normalize: bool = True, chunk_size: int = 4096) -> Tensor:
+    if x.device.type != "cpu":
+        if _dispatch.forced() == "ext":
+            _cpu_only("retrieve", x.device)
+        return reference.retrieve(x, bank, tau, normalize=normalize, chunk_size=chunk_size)
+    if _needs_grad(x, bank):
+        def fn(x_, b_):
+            return (torch.ops.semclust_ext.retrieve(x_, b_, float(tau), bool(normalize)),)
+
+        def ref(x_, b_):
+            return (reference.retrieve(x_, b_, tau, normalize=normalize, chunk_size=chunk_size),)
+
+        return _RecomputeFn.apply(fn, ref, x, bank)[0]
+    return torch.ops.semclust_ext.retrieve(x, bank, float(tau), bool(normalize))
+
+
+def _fused_step(*args, **kwargs):
+    from .fused_step import fused_step_ext
+
+    reason = device_reason(args[0].device)
+    if reason is not None:
+        raise BackendUnavailable(f"the ext backend cannot run fused_step: {reason}")
+    return fused_step_ext(*args, **kwargs)
+
+
+_IMPLEMENTATIONS = {"fused_step": _fused_step, "assign": _assign, "knn": _knn, "retrieve": _retrieve,
+                    "center_update": _center_update}
+
+
+def _activate() -> None:
+    """Register the ext implementations and clear the dispatcher's "not built" note."""
+    for op in REGISTERED_OPS:
+        register("ext", op)(_IMPLEMENTATIONS[op])
+    _dispatch._LOAD_ERRORS.pop("ext", None)
+
+
+def _autoload() -> None:
+    """Import-time policy: load what is built; build only for a forced ext backend."""
+    forced = _dispatch.forced() == "ext"
+    if is_built("cpu") or forced:
+        build(cuda=False) if forced else load("cpu")
+        if torch.cuda.is_available() and torch.version.cuda is not None:
+            if is_built("cuda"):
+                load("cuda")
+            elif forced:
+                build(cuda=True)
+    else:
+        # import succeeds (so `semclust.ext.build()` is reachable); the dispatcher reads this
+        # note as the backend's "unavailable" reason and keeps the torch backend
+        msg = _not_built_message("cpu")
+        _dispatch._LOAD_ERRORS["ext"] = msg
+        log.debug("semclust ext backend: %s", msg)
+
+
+_autoload()

@@ -1,0 +1,248 @@
+"""The fused stage-1 training step: the whole stage-1 loss and its gradient w.r.t. both
+heads' logits in one call (the `ext` backend: C++/OpenMP on CPU, CUDA on GPU).
+
+Shapes and math. With B the batch size, K clusters, D the feature dim:
+
+    logits_i [2B, K]  image head on the batch's images, then on their sampled image
+                      neighbours (rows B..2B-1), exactly as `stage1.train_stage1` stacks them
+    logits_t [2B, K]  text head on the counterparts, then on the text neighbours
+    u, v     [B, D]   the batch's image features and text counterparts (constants)
+    centers  [K, D]   the fused centres (EMA, `losses.update_centers`) or None
+    weights  [K]      balance weights (`BalanceState.weights()`) or None (w = 1)
+
+    p, p_n = softmax(logits_i).split(B);  q, q_n = softmax(logits_t).split(B)
+    instance   = -mean log<p,q> - (mean log<p,q_n> + mean log<q,p_n>) / 2
+    assignment = (InfoNCE(p, q_n) + InfoNCE(q, p_n)) / 2   over the 2K cluster columns, tau_cluster
+    center     = InfoNCE over the K centre pairs normalise(p^T u), normalise(q^T v) (tau_cluster)
+                 - mean_i sum_k T_ik (log p_ik + log q_ik) / 2,  T = softmax(normalise(u+v) centers^T / tau_center)
+    balance    = -(H_w(mean p) + H_w(mean q)) / log K,   H_w(m) = -sum_k w_k m_k log m_k
+    loss       = w_instance instance + w_assignment assignment + w_center center + w_balance balance
+
+(`semclust.losses` holds each term; `fused_step_reference` below is literally those
+functions, and the tests hold the extension to it.) The extension returns the loss, its
+parts, the softmaxes and dloss/dlogits_i, dloss/dlogits_t from one call; the autograd
+node's backward only scales those saved gradients by the incoming gradient, so the heads'
+linear layers (torch GEMMs upstream) and the optimiser step are unchanged. u, v, centers
+and weights are treated as constants: gradients flow to the logits only (pass them
+detached; a u or v that requires grad is an error rather than a silently missing
+gradient). The balance-weight EMA (`BalanceState.update`) stays in Python and uses the
+returned `marginal`.
+
+Dtypes: float32 and float64 are computed in their own precision; float16/bfloat16
+logits are computed in float32 and the gradients cast back.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import losses
+from .ops import _dispatch
+from .ops import _validate as V
+from .ops._dispatch import BackendUnavailable, register, resolve
+
+log = logging.getLogger(__name__)
+
+PARTS = ("instance", "assignment", "center", "balance")
+
+
+class StepResult(NamedTuple):
+    loss: Tensor  # [] total, differentiable w.r.t. logits_i and logits_t
+    instance: Tensor  # [] the unweighted parts (detached)
+    assignment: Tensor
+    center: Tensor
+    balance: Tensor
+    marginal: Tensor  # [K] (mean p + mean q) / 2, for BalanceState.update
+    probs_i: Tensor  # [2B, K] softmax(logits_i) (detached)
+    probs_t: Tensor  # [2B, K] softmax(logits_t) (detached)
+
+
+class _RecordedWeights:
+    """Stands in for `losses.BalanceState` inside `balance_loss`: fixed weights, and the
+    marginal it is asked to record is kept instead of being folded into an EMA."""
+
+    def __init__(self, weights: Tensor) -> None:
+        self._w = weights
+        self.marginal: Optional[Tensor] = None
+
+    def weights(self) -> Tensor:
+        return self._w
+
+    def update(self, marginal: Tensor) -> None:
+        self.marginal = marginal.detach()
+
+
+def fused_step_reference(
+    logits_i: Tensor,
+    logits_t: Tensor,
+    u: Tensor,
+    v: Tensor,
+    centers: Optional[Tensor] = None,
+    weights: Optional[Tensor] = None,
+    *,
+    cluster_tau: float,
+    center_tau: float,
+    w_instance: float,
+    w_assignment: float,
+    w_center: float,
+    w_balance: float,
+) -> StepResult:
+    """The definition: the Python loss graph of `stage1.train_stage1`, built from
+    `semclust.losses` (autograd gives the gradients)."""
+    b = u.shape[0]
+    probs_i, probs_t = torch.softmax(logits_i, 1), torch.softmax(logits_t, 1)
+    p, p_n = probs_i.split(b)
+    q, q_n = probs_t.split(b)
+    state = _RecordedWeights(weights) if weights is not None else None
+    parts = {
+        "instance": losses.instance_loss(p, q, p_n, q_n),
+        "assignment": losses.assignment_loss(p, q, p_n, q_n, cluster_tau),
+        "center": losses.center_loss(p, q, u, v, centers, cluster_tau, center_tau),
+        "balance": losses.balance_loss(p, q, state),
+    }
+    loss = (
+        w_instance * parts["instance"]
+        + w_assignment * parts["assignment"]
+        + w_center * parts["center"]
+        + w_balance * parts["balance"]
+    )
+    marginal = state.marginal if state is not None else (0.5 * (p.mean(0) + q.mean(0))).detach()
+    return StepResult(loss, *(parts[k].detach() for k in PARTS), marginal, probs_i.detach(), probs_t.detach())
+
+
+class FusedStepFunction(torch.autograd.Function):
+    """Forward: one extension call computing the loss, its parts and both logit
+    gradients. Backward: the saved gradients times the incoming scalar gradient."""
+
+    @staticmethod
+    def forward(ctx, logits_i, logits_t, u, v, centers, weights, cluster_tau, center_tau, w_instance, w_assignment, w_center, w_balance):
+        out, g_i, g_t, probs_i, probs_t, marginal = torch.ops.semclust_ext.fused_step(
+            logits_i, logits_t, u, v, centers, weights,
+            cluster_tau, center_tau, w_instance, w_assignment, w_center, w_balance,
+        )
+        ctx.save_for_backward(g_i, g_t)
+        loss = out[0]
+        ctx.mark_non_differentiable(out, probs_i, probs_t, marginal)
+        return loss, out, probs_i, probs_t, marginal
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused):
+        g_i, g_t = ctx.saved_tensors
+        return g_i * grad_loss, g_t * grad_loss, None, None, None, None, None, None, None, None, None, None
+
+
+def _check_inputs(logits_i, logits_t, u, v, centers, weights) -> None:
+    V.matrix("logits_i", logits_i, finite=False)
+    V.matrix("logits_t", logits_t, finite=False)
+    V.matrix("u", u, finite=False)
+    V.matrix("v", v, cols=u.shape[1], finite=False)
+    if logits_t.shape != logits_i.shape:
+        raise ValueError(f"logits_t has shape {tuple(logits_t.shape)} but logits_i has {tuple(logits_i.shape)}")
+    if v.shape != u.shape:
+        raise ValueError(f"v has shape {tuple(v.shape)} but u has {tuple(u.shape)}")
+    if logits_i.shape[0] != 2 * u.shape[0]:
+        raise ValueError(
+            f"logits have {logits_i.shape[0]} rows but u has {u.shape[0]}: stack the batch's rows and then "
+            "their neighbours' rows, 2B in all"
+        )
+    k = logits_i.shape[1]
+    if centers is not None:
+        V.matrix("centers", centers, cols=u.shape[1], finite=False)
+        if centers.shape[0] != k:
+            raise ValueError(f"centers has {centers.shape[0]} rows, expected K={k}")
+    if weights is not None and (weights.dim() != 1 or weights.shape[0] != k):
+        raise ValueError(f"weights must be [K={k}], got {tuple(weights.shape)}")
+    V.same_device(logits_i=logits_i, logits_t=logits_t, u=u, v=v, centers=centers, weights=weights)
+    for name, t in (("u", u), ("v", v), ("centers", centers), ("weights", weights)):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"fused_step treats {name} as a constant (gradients flow to the logits only); pass {name}.detach()")
+
+
+def fused_step_ext(
+    logits_i: Tensor,
+    logits_t: Tensor,
+    u: Tensor,
+    v: Tensor,
+    centers: Optional[Tensor] = None,
+    weights: Optional[Tensor] = None,
+    *,
+    cluster_tau: float,
+    center_tau: float,
+    w_instance: float,
+    w_assignment: float,
+    w_center: float,
+    w_balance: float,
+) -> StepResult:
+    """The extension path (registered as the `ext` implementation by `semclust.ext`)."""
+    in_dtype = logits_i.dtype
+    dt = torch.float64 if in_dtype == torch.float64 else torch.float32
+    li, lt = logits_i.to(dt), logits_t.to(dt)
+    # the extension reads every input in the logits' dtype
+    cast = lambda t: None if t is None else t.detach().to(dt)  # noqa: E731
+    loss, out, probs_i, probs_t, marginal = FusedStepFunction.apply(
+        li, lt, cast(u), cast(v), cast(centers), cast(weights),
+        float(cluster_tau), float(center_tau), float(w_instance), float(w_assignment), float(w_center), float(w_balance),
+    )
+    return StepResult(loss, out[1], out[2], out[3], out[4], marginal, probs_i, probs_t)
+
+
+register("torch", "fused_step")(fused_step_reference)
+
+
+def fused_step(
+    logits_i: Tensor,
+    logits_t: Tensor,
+    u: Tensor,
+    v: Tensor,
+    centers: Optional[Tensor] = None,
+    weights: Optional[Tensor] = None,
+    *,
+    cluster_tau: float,
+    center_tau: float,
+    w_instance: float,
+    w_assignment: float,
+    w_center: float,
+    w_balance: float,
+) -> StepResult:
+    """The stage-1 loss, its parts and (through autograd) its gradient w.r.t. both heads'
+    logits. See the module docstring for the shapes and the math.
+
+    Dispatched like the other ops: `ext` (one extension call, gradients computed in the
+    forward) or `torch` (`fused_step_reference`, the Python loss graph).
+
+    Returns:
+        StepResult(loss [] differentiable, instance, assignment, center, balance [] detached,
+        marginal [K], probs_i [2B, K], probs_t [2B, K]).
+    """
+    _check_inputs(logits_i, logits_t, u, v, centers, weights)
+    V.positive("cluster_tau", cluster_tau)
+    V.positive("center_tau", center_tau)
+    _, impl = resolve("fused_step", logits_i.device)
+    return impl(
+        logits_i, logits_t, u, v, centers, weights,
+        cluster_tau=cluster_tau, center_tau=center_tau, w_instance=w_instance,
+        w_assignment=w_assignment, w_center=w_center, w_balance=w_balance,
+    )
+
+
+def active(device: torch.device | str) -> bool:
+    """Whether `stage1.train_stage1` computes its loss with `fused_step` (the ext backend)
+    on `device`: when `ext` is forced (then it must be usable, else BackendUnavailable
+    says why), or, unforced, when the extension is already built and loaded for that
+    device. Forcing `torch` or `triton` keeps the Python loss graph."""
+    dev = torch.device(device)
+    name = _dispatch.forced()
+    if name is not None and name != "ext":
+        return False
+    reason = _dispatch.unavailable_reason("ext", "fused_step", dev)
+    if reason is None:
+        from . import ext  # loaded by the dispatcher at this point
+
+        reason = ext.device_reason(dev)
+    if name == "ext" and reason is not None:
+        raise BackendUnavailable(f"backend 'ext' was forced but cannot run fused_step: {reason}")
+    return reason is None
