@@ -18,10 +18,11 @@ floor: x c^T for assign; the chunked N x N product into a reused buffer for knn)
 the torch backend, and knn vs faiss-cpu IndexFlatIP (exact; it searches k+1 and drops
 the query itself). retrieve and center_update vs the torch backend.
 
-Timing: wall clock, median of the repeats (min in the JSON), after a warm-up call.
-The machine this was written on has 2 cores shared with other work; when the
-2-thread numbers are noisy, compare with `--threads 1` (one thread on every path,
-faiss's own BLAS threads included).
+Timing: median of the repeats (min in the JSON) after a warm-up call, the candidates
+timed round-robin. Wall clock by default; the machine this was written on has 2 cores
+shared with other work, so also compare `--threads 1 --clock cpu` (one thread on every
+path, faiss's own BLAS threads included, CPU time so waiting for the other jobs is not
+counted).
 Memory: growth of the process's peak RSS during one call, after malloc_trim and a
 reset of the peak (/proc/self/clear_refs; whole-process, Linux/glibc only; "-" elsewhere).
 """
@@ -76,6 +77,9 @@ def timeit(fn: Callable[[], object], repeats: int) -> dict[str, float]:
     return timeit_many({"f": fn}, repeats)["f"]
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of the whole process)
+
+
 def timeit_many(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict[str, float]]:
     """Time several callables round-robin (one call of each per round), so that load
     from other processes on a shared machine hits them alike."""
@@ -84,9 +88,9 @@ def timeit_many(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
     ts: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t = time.perf_counter()
+            t = CLOCK()
             fn()
-            ts[name].append(time.perf_counter() - t)
+            ts[name].append(CLOCK() - t)
     return {name: {"median_ms": 1e3 * statistics.median(v), "min_ms": 1e3 * min(v)} for name, v in ts.items()}
 
 
@@ -254,8 +258,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch / OpenMP / faiss threads (default: torch's)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--no-ops", action="store_true", help="skip the CPU op rows")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall clock, or the process's CPU time (steadier with --threads 1 on a shared machine; "
+                        "with more threads it also counts OpenMP's spin-waiting)")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
+    global CLOCK
+    CLOCK = time.process_time if a.clock == "cpu" else time.perf_counter
     if a.threads:
         torch.set_num_threads(a.threads)
         os.environ["OPENBLAS_NUM_THREADS"] = str(a.threads)  # faiss-cpu's BLAS, read when it loads
@@ -265,7 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     repeats = 2 if a.quick else 5
     shapes = [(512, 10), (512, 100)] if a.quick else [(b, k) for b in (512, 4096) for k in (10, 100, 1000)]
     meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": sys.version.split()[0],
+            "threads": torch.get_num_threads(), "clock": a.clock, "torch": torch.__version__, "python": sys.version.split()[0],
             "ext": ext.build_name("cpu")}
     print(f"# {meta}")
     steps = []

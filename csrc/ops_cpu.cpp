@@ -73,16 +73,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> assign_impl(const at:
       std::fill(ts, ts + K, T(0));
       for (int64_t i = 0; i < n; ++i) {
         T* __restrict r = o + i * K;
+        // the 1/tau scale rides inside the exp: one read-only pass for the max
         T m = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : m)
-        for (int64_t k = 0; k < K; ++k) {
-          r[k] *= inv_tau;
-          m = std::max(m, r[k]);
-        }
+        for (int64_t k = 0; k < K; ++k) m = std::max(m, r[k]);
         T sum = 0;
 #pragma omp simd reduction(+ : sum)
         for (int64_t k = 0; k < K; ++k) {
-          r[k] = exp_(r[k] - m);
+          r[k] = exp_((r[k] - m) * inv_tau);
           sum += r[k];
         }
         // the row's largest probability is exp(0) / sum; the label is the first index

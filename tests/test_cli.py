@@ -325,8 +325,8 @@ def test_error_labels_of_the_wrong_length(store_run, tmp_path, capsys):
     assert_one_line_error(rc, err, "evaluate", "does not exist")
 
 
-def test_error_bench_step_not_implemented(capsys):
-    rc, _, err = run(capsys, "bench", "step")
+def test_error_bench_scale_not_implemented(capsys):
+    rc, _, err = run(capsys, "bench", "scale")
     assert_one_line_error(rc, err, "bench", "not implemented yet")
 
 
