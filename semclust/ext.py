@@ -8,8 +8,10 @@ What it provides:
     fused onto it). Registered with the dispatcher because they beat the torch backend
     (benchmarks/bench_step.py, 2-core AVX-512 CPU, 1 and 2 threads):
       assign         1.2-1.5x faster; within 1.05-1.2x of a bare GEMM of the same shape
-      knn            12-30x faster (no sort of the [chunk, N] scores); on a par with
-                     faiss-cpu IndexFlatIP at D=512, 1.2-1.8x faster at D=64
+      knn            6-30x faster (no sort of the [chunk, N] scores); on a par with
+                     faiss-cpu IndexFlatIP at D=512 (0.94-1.03x), 1.15-1.8x faster at
+                     D=64; within 1.1x of a bare GEMM at D=512 (1.3-1.5x at D=64, where
+                     the running top-k's insertions rival the small GEMM)
       center_update  hard labels 1.7-3.5x; soft at stage-1 sizes ~1.8x (large N: the
                      same GEMM as torch, 1.0x)
     Not registered: `retrieve` (0.8-1.16x: two GEMMs either way, so no reliable gain; it
