@@ -136,7 +136,7 @@ def _spawn(world: int, out_dir: Path) -> list[dict]:
                 if p.is_alive():
                     p.terminate()
             pytest.fail(f"{world} gloo ranks did not finish within {SPAWN_TIMEOUT_S} s")
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
