@@ -136,6 +136,8 @@ class SemanticClusterer:
         stage: 1 (heads only) or 2 (plus self-enhancement).
         config: a `semclust.config.Config` (defaults from DESIGN.md).
         device: "cpu", "cuda", ... (default: cuda when available).
+        checkpoint_dir: write the stage-1 training state there after every epoch
+            (`stage1.ckpt`, atomic); with `resume=True` a killed fit continues from it.
     """
 
     def __init__(
@@ -149,6 +151,8 @@ class SemanticClusterer:
         device: Optional[str] = None,
         seed: int = 0,
         progress: bool = False,
+        checkpoint_dir: Optional[Union[str, os.PathLike]] = None,
+        resume: bool = False,
     ) -> None:
         self.n_clusters = n_clusters
         self.clip = clip
@@ -159,6 +163,8 @@ class SemanticClusterer:
         self.device = device
         self.seed = seed
         self.progress = progress
+        self.checkpoint_dir = checkpoint_dir
+        self.resume = resume
 
     # ---- fitting -----------------------------------------------------------------------
 
@@ -227,7 +233,12 @@ class SemanticClusterer:
         timings["counterparts"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        r1 = stage1.train_stage1(u, v, k, cfg.stage1, seed=self.seed, chunks=cfg.chunks, progress=self.progress)
+        ckpt = None
+        if self.checkpoint_dir is not None:
+            Path(self.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            ckpt = Path(self.checkpoint_dir) / "stage1.ckpt"
+        r1 = stage1.train_stage1(u, v, k, cfg.stage1, seed=self.seed, chunks=cfg.chunks, progress=self.progress,
+                                 checkpoint=ckpt, resume=self.resume)
         timings["stage1"] = time.perf_counter() - t0
         self.heads_, self.noun_bank_ = r1.heads, bank
         self.stage1_labels_ = self._scatter(r1.labels, kept, n_total)

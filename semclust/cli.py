@@ -116,7 +116,8 @@ def cmd_fit(a: argparse.Namespace) -> int:
         cfg.stage1.epochs = a.epochs
     nouns = _read_nouns(a.nouns)
     model = SemanticClusterer(a.k, clip=a.clip, pretrained=a.pretrained, nouns="default" if nouns is None else nouns,
-                              stage=a.stage, config=cfg, device=a.device, seed=a.seed, progress=not a.no_progress)
+                              stage=a.stage, config=cfg, device=a.device, seed=a.seed, progress=not a.no_progress,
+                              checkpoint_dir=a.out, resume=a.resume)
     model.fit(a.input)
     out = model.save(a.out)
     np.save(out / "labels.npy", model.labels_)
@@ -250,6 +251,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--stage", type=int, choices=(1, 2), default=2)
     f.add_argument("--epochs", type=int, help="stage-1 epochs (default from the config)")
     f.add_argument("--config", help="JSON file with config overrides (see semclust.config)")
+    f.add_argument("--resume", action="store_true", help="continue stage 1 from RUN/stage1.ckpt of a killed run (same input and settings)")
     common(f, clip=True)
     f.set_defaults(fn=cmd_fit)
 

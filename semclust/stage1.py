@@ -8,10 +8,13 @@ alive. See `semclust.losses` for the terms.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -19,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import fused_step as fused
 from . import losses, ops
+from ._io import atomic_write
 from .config import ChunkConfig, Stage1Config
 from .heads import Heads
 
@@ -36,6 +40,26 @@ class Stage1Result:
 def neighbours(z: Tensor, k: int, chunks: ChunkConfig) -> Tensor:
     """[N, k] indices of each row's k nearest other rows (cosine)."""
     return ops.knn(z, k, exclude_self=True, query_chunk=chunks.knn_queries, database_chunk=chunks.knn_database)[1]
+
+
+def _run_signature(u: Tensor, k: int, seed: int, cfg: Stage1Config) -> str:
+    """What a checkpoint must match to be resumed: the data (a strided sample of rows),
+    K, the seed and every setting but the number of epochs (training may be extended)."""
+    settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "epochs"}
+    sample = u[:: max(1, u.shape[0] // 1024)].detach().float().cpu().contiguous().numpy().tobytes()
+    head = json.dumps({"n": u.shape[0], "d": u.shape[1], "k": k, "seed": seed, "cfg": settings}, sort_keys=True)
+    return hashlib.sha256(head.encode() + sample).hexdigest()
+
+
+def _load_checkpoint(path: Path, run_id: str) -> dict:
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable file is reported the same way, with its cause
+        raise ValueError(f"cannot resume: {path} is not a readable stage-1 checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ck, dict) or ck.get("run") != run_id:
+        raise ValueError(f"cannot resume: {path} was written by another run (other data, K, seed or settings); "
+                         "delete it or start without resume")
+    return ck
 
 
 def _batches(n: int, size: int, g: torch.Generator) -> list[Tensor]:
@@ -57,11 +81,17 @@ def train_stage1(
     progress: bool = True,
     image_neighbours: Optional[Tensor] = None,
     text_neighbours: Optional[Tensor] = None,
+    checkpoint: Optional[Union[str, Path]] = None,
+    resume: bool = False,
 ) -> Stage1Result:
     """Train the heads on images u [N, D] and counterparts v [N, D] (same device).
 
     Neighbour lists [N, knn_k] are computed with `ops.knn` unless given.
-    Returns the heads (eval mode), the fused labels/confidences and per-epoch history.
+    With `checkpoint`, the whole training state (heads, optimiser, sampling RNG, EMA
+    centres and shares, history) is written there atomically after every epoch; with
+    `resume` too, a checkpoint of the same run (same data fingerprint, K, seed and
+    settings but the epoch count) is continued, ending exactly where an uninterrupted run
+    ends. Returns the heads (eval mode), the labels/confidences and per-epoch history.
     """
     n, d = u.shape
     if n < 2:
@@ -80,7 +110,20 @@ def train_stage1(
     history = []
     # the ext backend computes the whole loss and its logit gradients in one fused call
     use_fused = fused.active(device)
-    bar = tqdm(range(cfg.epochs), desc="stage 1", unit="epoch", disable=not progress, leave=False)
+    run_id = _run_signature(u, k, seed, cfg)
+    start = 0
+    if checkpoint is not None and resume and Path(checkpoint).exists():
+        ck = _load_checkpoint(Path(checkpoint), run_id)
+        heads.load_state_dict(ck["heads"])
+        opt.load_state_dict(ck["opt"])
+        g.set_state(ck["rng"])
+        centers = None if ck["centers"] is None else ck["centers"].to(device)
+        if state is not None:
+            state.shares = ck["shares"].to(device)
+        history, start = ck["history"], ck["epoch"] + 1
+        log.info("stage 1 resumes after epoch %d from %s", ck["epoch"], checkpoint)
+    bar = tqdm(range(start, cfg.epochs), desc="stage 1", unit="epoch", disable=not progress, leave=False,
+               initial=start, total=cfg.epochs)
     for epoch in bar:
         heads.train()
         t0, sums, steps = time.perf_counter(), {}, 0
@@ -131,6 +174,11 @@ def train_stage1(
         row = {"epoch": epoch, **{k_: s / steps for k_, s in sums.items()}, "seconds": time.perf_counter() - t0}
         history.append(row)
         bar.set_postfix(loss=f"{row['total']:.3f}")
+        if checkpoint is not None:
+            payload = {"run": run_id, "epoch": epoch, "heads": heads.state_dict(), "opt": opt.state_dict(),
+                       "rng": g.get_state(), "centers": centers, "history": history,
+                       "shares": state.shares if state is not None else None}
+            atomic_write(Path(checkpoint), lambda f: torch.save(payload, f))
     heads.eval()
     labels, conf = heads.predict(u, v if cfg.predict_with == "both" else None, chunk_size=chunks.assign)
     return Stage1Result(heads, labels, conf, history)
