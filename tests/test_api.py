@@ -65,14 +65,6 @@ def write_image_folder(root, per_class: int = 8, seed: int = 0):
     return root, bad
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _noun_cache(tmp_path_factory):
-    """Noun embeddings of checkpoint encoders are cached on disk: keep them out of $HOME."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SEMCLUST_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     return write_image_folder(tmp_path_factory.mktemp("images"))

@@ -50,14 +50,6 @@ def assert_one_line_error(rc: int, err: str, command: str, message: str) -> None
     assert message in lines[0], err
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _noun_cache(tmp_path_factory):
-    """Noun embeddings of checkpoint encoders are cached on disk: keep them out of $HOME."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SEMCLUST_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """Images (3 colour classes + a truncated JPEG + a text file named .png), a tiny

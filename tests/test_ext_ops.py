@@ -19,14 +19,8 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ext():
-    from semclust import ext as ext_mod
-
-    try:
-        ext_mod.build()
-    except ext_mod.ExtensionBuildError as e:
-        pytest.skip(f"the C++ extension cannot be built here: {e}")
-    return ext_mod
+def ext(built_ext):
+    return built_ext
 
 
 @pytest.fixture(autouse=True)

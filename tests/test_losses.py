@@ -83,7 +83,6 @@ def test_loss_gradients_float64(name):
 
 
 def test_center_target_pulls_heads_towards_the_fused_centres():
-    b, k, d = 8, 2, 3
     u = torch.nn.functional.normalize(torch.tensor([[1.0, 0, 0]] * 4 + [[0, 1.0, 0]] * 4), dim=1)
     centers = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])
     agree = torch.tensor([[0.99, 0.01]] * 4 + [[0.01, 0.99]] * 4)
