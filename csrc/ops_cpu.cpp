@@ -288,28 +288,33 @@ std::tuple<at::Tensor, at::Tensor> center_update_impl(const at::Tensor& x, int64
                                                       const c10::optional<at::Tensor>& previous, double momentum) {
   const int64_t N = x.size(0), D = x.size(1);
   const auto opts = x.options().dtype(c10::CppTypeToScalarType<T>::value);
-  const at::Tensor xx = x.to(opts.dtype()).contiguous();
+  // row blocks: a memory-mapped fp16 x is converted one block at a time, never whole
+  constexpr int64_t kBlock = 65536;
   at::Tensor sums, counts;
   if (labels.has_value() && labels->defined()) {
     const at::Tensor lab = labels->to(at::kLong).contiguous();
     const int64_t* lp = lab.data_ptr<int64_t>();
-    const T* xp = xx.data_ptr<T>();
     const int nthr = static_cast<int>(std::min<int64_t>(num_threads(), std::max<int64_t>(1, N / 256)));
     std::vector<T> part(static_cast<size_t>(nthr) * k * D, T(0));
     std::vector<int64_t> cnt(static_cast<size_t>(nthr) * k, 0);
+    for (int64_t b0 = 0; b0 < N; b0 += kBlock) {
+      const int64_t nb = std::min(kBlock, N - b0);
+      const at::Tensor xx = x.narrow(0, b0, nb).to(opts.dtype()).contiguous();
+      const T* xp = xx.data_ptr<T>();
 #pragma omp parallel num_threads(nthr)
-    {
-      const int tid = omp_get_thread_num();
-      T* ps = part.data() + static_cast<size_t>(tid) * k * D;
-      int64_t* pc = cnt.data() + static_cast<size_t>(tid) * k;
+      {
+        const int tid = omp_get_thread_num();
+        T* ps = part.data() + static_cast<size_t>(tid) * k * D;
+        int64_t* pc = cnt.data() + static_cast<size_t>(tid) * k;
 #pragma omp for schedule(static)
-      for (int64_t i = 0; i < N; ++i) {
-        const int64_t l = lp[i];
-        T* dst = ps + l * D;
-        const T* src = xp + i * D;
+        for (int64_t i = 0; i < nb; ++i) {
+          const int64_t l = lp[b0 + i];
+          T* dst = ps + l * D;
+          const T* src = xp + i * D;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) dst[d] += src[d];
-        ++pc[l];
+          for (int64_t d = 0; d < D; ++d) dst[d] += src[d];
+          ++pc[l];
+        }
       }
     }
     sums = at::empty({k, D}, opts);
@@ -331,9 +336,14 @@ std::tuple<at::Tensor, at::Tensor> center_update_impl(const at::Tensor& x, int64
       }
     });
   } else {
-    const at::Tensor p = probs->to(opts.dtype());
-    sums = at::mm(p.t(), xx);
-    counts = p.sum(0);
+    sums = at::zeros({k, D}, opts);
+    counts = at::zeros({k}, opts);
+    for (int64_t b0 = 0; b0 < N; b0 += kBlock) {
+      const int64_t nb = std::min(kBlock, N - b0);
+      const at::Tensor p = probs->narrow(0, b0, nb).to(opts.dtype());
+      sums.addmm_(p.t(), x.narrow(0, b0, nb).to(opts.dtype()));
+      counts.add_(p.sum(0));
+    }
   }
   at::Tensor prev;
   if (previous.has_value() && previous->defined()) prev = previous->to(opts.dtype()).contiguous();

@@ -8,11 +8,12 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import numbers
 import logging
 import os
-import time
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -28,9 +29,12 @@ from tqdm.auto import tqdm
 from . import counterparts, ops, stage1, stage2
 from ._io import atomic_save_tensors, atomic_write, sha256_file
 from .config import Config
+from .distributed import is_distributed
 from .data import ImageSource, SkipReport, TensorSource, collate_skip, list_images, load_embeddings
 from .heads import ClusterHead, Heads
-from .store import is_store, open_store
+from .report import Phases
+from .store import EmbeddingStore, is_store, open_store
+from .workspace import Workspace, as_tensor, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,7 @@ class _DatasetSource(Dataset):
 class _Inputs:
     embeddings: Optional[Tensor]  # [N, D] when given as features
     source: Optional[Dataset]  # raw items when given as images / raw inputs
+    store: Optional[EmbeddingStore] = None  # an embedding store, read memory-mapped in chunks
 
 
 def _as_inputs(x: InputLike) -> _Inputs:
@@ -81,7 +86,7 @@ def _as_inputs(x: InputLike) -> _Inputs:
         if not p.exists():
             raise FileNotFoundError(f"input {str(p)!r} does not exist")
         if p.is_dir() and is_store(p):
-            return _Inputs(open_store(p).to_tensor(), None)
+            return _Inputs(None, None, open_store(p))
         if p.is_file() and p.suffix.lower() in _EMBEDDING_SUFFIXES:
             return _Inputs(load_embeddings(p), None)
         return _Inputs(None, ImageSource.from_folder(p) if p.is_dir() else ImageSource.from_paths([p]))
@@ -136,8 +141,11 @@ class SemanticClusterer:
         stage: 1 (heads only) or 2 (plus self-enhancement).
         config: a `semclust.config.Config` (defaults from DESIGN.md).
         device: "cpu", "cuda", ... (default: cuda when available).
-        checkpoint_dir: write the stage-1 training state there after every epoch
-            (`stage1.ckpt`, atomic); with `resume=True` a killed fit continues from it.
+        checkpoint_dir: the fit's working directory: per-row intermediates (memory-mapped
+            .npy: text counterparts, kNN lists, consolidated store rows) and the stage-1 /
+            stage-2 training state after every epoch (`stage1.ckpt`, `stage2.ckpt`), all
+            written atomically; with `resume=True` a killed fit reuses the finished
+            phases and continues training from the last checkpoint.
     """
 
     def __init__(
@@ -203,84 +211,148 @@ class SemanticClusterer:
         return t
 
     def fit(self, X: InputLike, y: Any = None, nouns: Any = None) -> "SemanticClusterer":
-        """Fit on images or embeddings (see the class doc); `y` is ignored (sklearn API)."""
+        """Fit on images or embeddings (see the class doc); `y` is ignored (sklearn API).
+
+        An embedding store is read memory-mapped and every per-row intermediate (text
+        counterparts, kNN lists) lives in a workspace on disk (`checkpoint_dir`, else a
+        temporary directory beside the store), so peak memory follows `config.chunks`,
+        not N; with `resume=True` finished phases are reused.
+        """
         self._check_params()
+        if self.stage == 2 and is_distributed():
+            raise NotImplementedError("stage 2 does not run under torch.distributed yet: fit with stage=1 "
+                                      "(the heads train data-parallel), then stage 2 in one process")
+        inputs = _as_inputs(X)
+        if inputs.store is not None and self.checkpoint_dir is None:
+            with tempfile.TemporaryDirectory(prefix=".semclust-fit-", dir=inputs.store.path.parent) as tmp:
+                return self._fit(inputs, nouns, Path(tmp))
+        return self._fit(inputs, nouns, None if self.checkpoint_dir is None else Path(self.checkpoint_dir))
+
+    def _fit(self, inputs: _Inputs, nouns: Any, work_dir: Optional[Path]) -> "SemanticClusterer":
         cfg = self.config or Config()
         device = self._device()
         k = int(self.n_clusters)
-        inputs = _as_inputs(X)
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
+        phases = Phases()
         encoder = None
-        if inputs.source is not None:
-            encoder = self._encoder()
-            u, kept, report = _encode(encoder, inputs.source, cfg.chunks.encode_batch, self.progress)
-            n_total = len(inputs.source)
-        else:
-            u, n_total, report = inputs.embeddings, inputs.embeddings.shape[0], SkipReport()
-            kept = torch.arange(n_total)
-        ops._validate.matrix("embeddings", u)
-        if k > u.shape[0]:
-            raise ValueError(f"n_clusters={k} is larger than the number of samples ({u.shape[0]})")
-        u = torch.nn.functional.normalize(u, dim=1).to(device)
-        timings["encode"] = time.perf_counter() - t0
+        with phases("encode"):
+            if inputs.source is not None:
+                encoder = self._encoder()
+                u, kept, report = _encode(encoder, inputs.source, cfg.chunks.encode_batch, self.progress)
+                n_total = len(inputs.source)
+            elif inputs.store is not None:
+                n_total, report = len(inputs.store), SkipReport()
+                kept = torch.arange(n_total)
+                u = None
+            else:
+                u, n_total, report = inputs.embeddings, inputs.embeddings.shape[0], SkipReport()
+                kept = torch.arange(n_total)
+            if u is not None:
+                ops._validate.matrix("embeddings", u)
+            n = kept.numel()
+            if k > n:
+                raise ValueError(f"n_clusters={k} is larger than the number of samples ({n})")
+            if u is not None:
+                # fp16 rows stay fp16 (half the memory); every op reads them chunk by chunk
+                u = torch.nn.functional.normalize(u if u.dtype == torch.float16 else u.float(), dim=1).to(device)
+            bank_all = self._noun_bank(self.nouns if nouns is None else nouns, inputs.store.dim if u is None else u.shape[1])
+            ws = Workspace(work_dir, self._run_id(inputs, u, bank_all, cfg), fresh=not self.resume)
+            if u is None:
+                u = self._store_rows(inputs.store, ws, cfg).to(device)
+        d = u.shape[1]
+        bank_all = bank_all.to(device)
 
-        t0 = time.perf_counter()
-        bank_all = self._noun_bank(self.nouns if nouns is None else nouns, u.shape[1]).to(device)
-        space = counterparts.select_nouns(u, bank_all, k, cfg.semantic, seed=self.seed, chunks=cfg.chunks)
-        bank = space.bank(bank_all)
-        v = counterparts.text_counterparts(u, bank, cfg.counterparts, cfg.chunks)
-        timings["counterparts"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        ckpt = None
-        if self.checkpoint_dir is not None:
-            Path(self.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-            ckpt = Path(self.checkpoint_dir) / "stage1.ckpt"
-        r1 = stage1.train_stage1(u, v, k, cfg.stage1, seed=self.seed, chunks=cfg.chunks, progress=self.progress,
-                                 checkpoint=ckpt, resume=self.resume)
-        timings["stage1"] = time.perf_counter() - t0
+        with phases("kmeans"):
+            space = counterparts.select_nouns(u, bank_all, k, cfg.semantic, seed=self.seed, chunks=cfg.chunks)
+            bank = space.bank(bank_all)
+        with phases("counterparts"):
+            v = ws.get("counterparts")
+            if v is None:
+                v = ws.fill("counterparts", (n, d), u.dtype, lambda out: counterparts.text_counterparts(
+                    u, bank, cfg.counterparts, cfg.chunks, out=out, progress=self.progress))
+            v = v.to(device)
+        kk = min(cfg.stage1.knn_k, n - 1)
+        lists = {}
+        with phases("knn"):
+            for name, z in (("knn_image", u), ("knn_text", v)):
+                got = ws.get(name)
+                if got is None:
+                    got = ws.fill(name, (n, kk), torch.int32, lambda out, z=z, name=name: stage1.neighbours(
+                        z, kk, cfg.chunks, out=out, progress=self.progress, desc=name.replace("_", " ")))
+                lists[name] = got
+        with phases("stage1"):
+            ckpt = None if ws.root is None else ws.root / "stage1.ckpt"
+            r1 = stage1.train_stage1(u, v, k, cfg.stage1, seed=self.seed, chunks=cfg.chunks, progress=self.progress,
+                                     image_neighbours=lists["knn_image"], text_neighbours=lists["knn_text"],
+                                     checkpoint=ckpt, resume=self.resume)
         self.heads_, self.noun_bank_ = r1.heads, bank
         self.stage1_labels_ = self._scatter(r1.labels, kept, n_total)
-        labels, conf, feats = r1.labels, r1.conf, u
+        labels, conf = r1.labels, r1.conf
         self.mode_, self.head_, self.tuned_ = "stage1", None, None
 
         if self.stage == 2:
-            t0 = time.perf_counter()
-            if inputs.source is not None:
-                # tune a copy: the user's encoder object and the cached pristine CLIP stay as
-                # they were, so a second fit starts from the same weights as the first
-                tunable = copy.deepcopy(encoder)
-                source, mode = _KeptSource(inputs.source, kept), "encoder"
-            else:
-                source, tunable, mode = TensorSource(u.cpu()), stage2.FeatureAdapter(u.shape[1], cfg.stage2).to(device), "adapter"
-            head = copy.deepcopy(r1.heads.image)
-            r2 = stage2.train_stage2(tunable, source, head, r1.labels, r1.conf, k, cfg.stage2, mode=mode,
-                                     seed=self.seed, progress=self.progress)
-            timings["stage2"] = time.perf_counter() - t0
+            with phases("stage2"):
+                if inputs.source is not None:
+                    # tune a copy: the user's encoder object and the cached pristine CLIP stay as
+                    # they were, so a second fit starts from the same weights as the first
+                    tunable = copy.deepcopy(encoder)
+                    source, mode = _KeptSource(inputs.source, kept), "encoder"
+                else:
+                    source, tunable, mode = TensorSource(u.cpu()), stage2.FeatureAdapter(d, cfg.stage2).to(device), "adapter"
+                head = copy.deepcopy(r1.heads.image)
+                ckpt2 = None if ws.root is None else ws.root / "stage2.ckpt"
+                r2 = stage2.train_stage2(tunable, source, head, r1.labels, r1.conf, k, cfg.stage2, mode=mode,
+                                         seed=self.seed, progress=self.progress, checkpoint=ckpt2, resume=self.resume)
             self.mode_, self.head_, self.tuned_ = mode, r2.head, tunable
             module = getattr(tunable, "model", tunable)
-            self._tuned_keys = [n for n, q in module.named_parameters() if q.requires_grad]
+            self._tuned_keys = [n_ for n_, q in module.named_parameters() if q.requires_grad]
             labels, conf = r2.labels.to(device), r2.conf.to(device)
-            feats = r2.features.to(device)
+            centers = r2.centers
             self.stage2_history_ = r2.history
-        centers, _ = ops.center_update(feats.float(), k, labels=labels.to(feats.device))
-        self.cluster_centers_ = centers.cpu().numpy()
+        else:
+            centers, _ = ops.center_update(u, k, labels=labels.to(u.device))
+        self.cluster_centers_ = centers.float().cpu().numpy()
         self.labels_ = self._scatter(labels, kept, n_total)
         self.confidences_ = self._scatter(conf, kept, n_total, fill=0.0, dtype=np.float32)
         self.skipped_ = report
-        self.n_features_in_ = u.shape[1]
+        self.n_features_in_ = d
         self.history_ = {
             "stage1": r1.history,
             "stage2": getattr(self, "stage2_history_", []),
-            "seconds": timings,
+            "seconds": phases.seconds,
+            "phases": phases.rows,
             "kmeans_objective": space.kmeans_objective,
             "nouns_total": int(bank_all.shape[0]),
             "nouns_selected": int(bank.shape[0]),
             "skipped": report.count,
         }
+        log.info("fit phases:\n%s", phases.table())
         self._config = cfg
         return self
+
+    def _run_id(self, inputs: _Inputs, u: Optional[Tensor], bank: Tensor, cfg: Config) -> str:
+        """What a workspace must match to be reused: the data, the nouns, K, the seed and
+        the settings of the phases it caches."""
+        data = inputs.store.fingerprint() if inputs.store is not None else fingerprint(u)
+        settings = {"k": int(self.n_clusters), "seed": self.seed, "semantic": cfg.to_dict()["semantic"],
+                    "counterparts": cfg.to_dict()["counterparts"], "knn_k": cfg.stage1.knn_k,
+                    "data": data, "nouns": fingerprint(bank)}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+    @staticmethod
+    def _store_rows(store: EmbeddingStore, ws: Workspace, cfg: Config) -> Tensor:
+        """The store's rows as one [N, D] fp16 tensor without reading them into memory: the
+        one shard itself, or the shards copied into one memory-mapped workspace file."""
+        if store.shard_count == 1:
+            return as_tensor(store.shard(0))
+        got = ws.get("images")
+        if got is not None:
+            return got
+
+        def copy_rows(out: Tensor) -> None:
+            for s in range(0, len(store), cfg.chunks.assign):
+                out[s : s + cfg.chunks.assign] = torch.from_numpy(store.rows(s, s + cfg.chunks.assign))
+
+        return ws.fill("images", (len(store), store.dim), torch.float16, copy_rows)
 
     @staticmethod
     def _scatter(values: Tensor, kept: Tensor, n: int, fill: float = -1, dtype: Any = np.int64) -> np.ndarray:
@@ -298,48 +370,59 @@ class SemanticClusterer:
         if not hasattr(self, "heads_"):
             raise RuntimeError("this SemanticClusterer is not fitted yet: call fit() or load() first")
 
-    def _features_for_prediction(self, X: InputLike) -> tuple[Tensor, Tensor, int]:
-        """(features [n, D] normalised on the model's device, kept source indices [n], N)."""
+    def _features_for_prediction(self, X: InputLike) -> tuple[list[Tensor], Tensor, int]:
+        """(row blocks of features [n_b, D], kept source indices [n], N). A store gives one
+        block per memory-mapped shard; `_proba_chunks` reads every block chunk by chunk."""
         self._check_fitted()
         cfg = self._config
         inputs = _as_inputs(X)
+        if inputs.source is None and self.mode_ == "encoder":
+            raise ValueError("this model fine-tuned its image encoder: predict from images, not embeddings")
         if inputs.source is not None:
             encoder = self.tuned_ if self.mode_ == "encoder" else self._encoder()
             u, kept, _ = _encode(encoder, inputs.source, cfg.chunks.encode_batch, self.progress)
-            n = len(inputs.source)
+            blocks, n = [u], len(inputs.source)
+        elif inputs.store is not None:
+            store = inputs.store
+            blocks = [as_tensor(store.shard(i)) for i in range(store.shard_count)]
+            n = len(store)
+            kept = torch.arange(n)
+            if store.dim != self.n_features_in_:
+                raise ValueError(f"the store has dim {store.dim} but the model was fitted on dim {self.n_features_in_}")
         else:
-            if self.mode_ == "encoder":
-                raise ValueError("this model fine-tuned its image encoder: predict from images, not embeddings")
-            u, kept, n = inputs.embeddings, torch.arange(inputs.embeddings.shape[0]), inputs.embeddings.shape[0]
-        ops._validate.matrix("embeddings", u, cols=self.n_features_in_)
-        return torch.nn.functional.normalize(u.float(), dim=1).to(self._device()), kept, n
+            blocks, kept, n = [inputs.embeddings], torch.arange(inputs.embeddings.shape[0]), inputs.embeddings.shape[0]
+        for b in blocks:
+            ops._validate.matrix("embeddings", b, cols=self.n_features_in_)
+        return blocks, kept, n
 
     @torch.no_grad()
-    def _proba_chunks(self, u: Tensor) -> Iterator[Tensor]:
+    def _proba_chunks(self, blocks: list[Tensor]) -> Iterator[Tensor]:
         """[chunk, K] probabilities, one row chunk at a time (never all N x K at once)."""
         cfg = self._config
         step = cfg.chunks.assign
-        for s in range(0, u.shape[0], step):
-            uc = u[s : s + step]
-            if self.mode_ == "stage1":
-                v = counterparts.text_counterparts(uc, self.noun_bank_, cfg.counterparts, cfg.chunks)
-                yield self.heads_.predict_proba(uc, v if cfg.stage1.predict_with == "both" else None)
-            else:
-                z = self.tuned_.image_features(uc) if self.mode_ == "adapter" else uc
-                self.head_.eval()
-                yield torch.softmax(self.head_(z), dim=1)
+        device = self._device()
+        for u in blocks:
+            for s in range(0, u.shape[0], step):
+                uc = torch.nn.functional.normalize(u[s : s + step].to(device).float(), dim=1)
+                if self.mode_ == "stage1":
+                    v = counterparts.text_counterparts(uc, self.noun_bank_, cfg.counterparts, cfg.chunks)
+                    yield self.heads_.predict_proba(uc, v if cfg.stage1.predict_with == "both" else None)
+                else:
+                    z = self.tuned_.image_features(uc) if self.mode_ == "adapter" else uc
+                    self.head_.eval()
+                    yield torch.softmax(self.head_(z), dim=1)
 
     def predict_proba(self, X: InputLike) -> np.ndarray:
         """[N, K] cluster probabilities (rows of unreadable images are NaN)."""
-        u, kept, n = self._features_for_prediction(X)
+        blocks, kept, n = self._features_for_prediction(X)
         out = np.full((n, self.n_clusters), np.nan, dtype=np.float32)
-        out[kept.cpu().numpy()] = torch.cat([p.cpu() for p in self._proba_chunks(u)]).numpy()
+        out[kept.cpu().numpy()] = torch.cat([p.cpu() for p in self._proba_chunks(blocks)]).numpy()
         return out
 
     def predict(self, X: InputLike) -> np.ndarray:
-        """[N] cluster ids (-1 for unreadable images)."""
-        u, kept, n = self._features_for_prediction(X)
-        labels = torch.cat([p.argmax(1).cpu() for p in self._proba_chunks(u)])
+        """[N] cluster ids (-1 for unreadable images), computed chunk by chunk."""
+        blocks, kept, n = self._features_for_prediction(X)
+        labels = torch.cat([p.argmax(1).cpu() for p in self._proba_chunks(blocks)])
         return self._scatter(labels, kept, n)
 
     # ---- persistence -------------------------------------------------------------------

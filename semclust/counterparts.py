@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from . import ops
 from .config import ChunkConfig, CounterpartConfig, SemanticSpaceConfig
@@ -54,6 +56,23 @@ def select_nouns(
     return SemanticSpace(km.centers, index, float(km.objective))
 
 
-def text_counterparts(u: Tensor, bank: Tensor, cfg: CounterpartConfig, chunks: ChunkConfig = ChunkConfig()) -> Tensor:
-    """[N, D] L2-normalised counterparts of the images u [N, D] from the noun bank [W', D]."""
-    return ops.retrieve(u, bank.to(u.dtype), cfg.tau, normalize=True, chunk_size=chunks.retrieve)
+def text_counterparts(
+    u: Tensor, bank: Tensor, cfg: CounterpartConfig, chunks: ChunkConfig = ChunkConfig(),
+    out: Optional[Tensor] = None, progress: bool = False,
+) -> Tensor:
+    """[N, D] L2-normalised counterparts of the images u [N, D] from the noun bank [W', D].
+
+    Written into `out` (default: a new tensor of u's dtype) `chunks.retrieve` rows at a
+    time, so u and out may be memory-mapped and only a [chunk, W'] block is in memory.
+    """
+    out = torch.empty(u.shape, dtype=u.dtype, device=u.device) if out is None else out
+    if out.shape != u.shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(u.shape)}")
+    step = chunks.retrieve
+    b = bank.float().to(u.device)
+    with tqdm(total=u.shape[0], desc="counterparts", unit="img", unit_scale=True, disable=not progress, leave=False) as bar:
+        for s in range(0, u.shape[0], step):
+            v = ops.retrieve(u[s : s + step].to(b.device).float(), b, cfg.tau, normalize=True, chunk_size=step)
+            out[s : s + step] = v.to(device=out.device, dtype=out.dtype)
+            bar.update(v.shape[0])
+    return out

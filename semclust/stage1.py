@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 from torch import Tensor
@@ -25,6 +25,8 @@ from . import losses, ops
 from ._io import atomic_write
 from .config import ChunkConfig, Stage1Config
 from .heads import Heads
+from .prefetch import prefetch
+from .workspace import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +39,35 @@ class Stage1Result:
     history: list[dict] = field(default_factory=list)
 
 
-def neighbours(z: Tensor, k: int, chunks: ChunkConfig) -> Tensor:
-    """[N, k] indices of each row's k nearest other rows (cosine)."""
-    return ops.knn(z, k, exclude_self=True, query_chunk=chunks.knn_queries, database_chunk=chunks.knn_database)[1]
+def neighbours(z: Tensor, k: int, chunks: ChunkConfig, out: Optional[Tensor] = None, progress: bool = False,
+               desc: str = "knn") -> Tensor:
+    """[N, k] indices (int32 unless `out` says otherwise) of each row's k nearest other
+    rows by cosine, written `chunks.knn_queries` query rows at a time so that only
+    [chunk, k] results exist besides `out` (which may be memory-mapped)."""
+    n = z.shape[0]
+    out = torch.empty((n, k), dtype=torch.int32) if out is None else out
+    if tuple(out.shape) != (n, k):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(n, k)}")
+    step = chunks.knn_queries
+    with tqdm(total=n, desc=desc, unit="query", unit_scale=True, disable=not progress, leave=False) as bar:
+        for s in range(0, n, step):
+            q = z[s : s + step]
+            # k + 1 with the row itself, then drop it: the same lists as exclude_self,
+            # for a query chunk at any offset into the database
+            idx = ops.knn(z, k + 1, queries=q, exclude_self=False, query_chunk=step, database_chunk=chunks.knn_database)[1]
+            own = idx == torch.arange(s, s + q.shape[0], device=idx.device)[:, None]
+            own[~own.any(1), -1] = True
+            out[s : s + q.shape[0]] = idx[~own].view(q.shape[0], k).to(device=out.device, dtype=out.dtype)
+            bar.update(q.shape[0])
+    return out
 
 
 def _run_signature(u: Tensor, k: int, seed: int, cfg: Stage1Config) -> str:
     """What a checkpoint must match to be resumed: the data (a strided sample of rows),
     K, the seed and every setting but the number of epochs (training may be extended)."""
     settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "epochs"}
-    sample = u[:: max(1, u.shape[0] // 1024)].detach().float().cpu().contiguous().numpy().tobytes()
-    head = json.dumps({"n": u.shape[0], "d": u.shape[1], "k": k, "seed": seed, "cfg": settings}, sort_keys=True)
-    return hashlib.sha256(head.encode() + sample).hexdigest()
+    head = json.dumps({"k": k, "seed": seed, "cfg": settings, "data": fingerprint(u)}, sort_keys=True)
+    return hashlib.sha256(head.encode()).hexdigest()
 
 
 def _load_checkpoint(path: Path, run_id: str) -> dict:
@@ -69,6 +88,31 @@ def _batches(n: int, size: int, g: torch.Generator) -> list[Tensor]:
     if len(out) > 1 and out[-1].numel() < 2:
         out[-2] = torch.cat([out[-2], out.pop()])
     return out
+
+
+def _epoch_plan(ni: Tensor, nt: Tensor, n: int, batch_size: int, g: torch.Generator) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """One epoch's (idx, ji, jt) per batch: its rows and one random image / text
+    neighbour of each. Every draw is made here, in order, on the caller's thread, so the
+    sampling stays deterministic and resumable whichever thread gathers the rows."""
+    plan = []
+    for idx in _batches(n, min(batch_size, n), g):
+        b = idx.numel()
+        # one random neighbour per sample, drawn from the other modality's lists
+        jt = nt[idx, torch.randint(nt.shape[1], (b,), generator=g)].long()
+        ji = ni[idx, torch.randint(ni.shape[1], (b,), generator=g)].long()
+        plan.append((idx, ji, jt))
+    return plan
+
+
+def _gather(u: Tensor, v: Tensor, plan: list[tuple[Tensor, Tensor, Tensor]], device: torch.device) -> Iterator[tuple[Tensor, ...]]:
+    """(idx, u[idx], u[ji], v[idx], v[jt]) per planned batch, float32 on `device`: from a
+    memory-mapped store this is page faults and fp16 conversion, the part `prefetch` overlaps."""
+
+    def rows(t: Tensor, i: Tensor) -> Tensor:
+        return t[i.to(t.device)].to(device=device, dtype=torch.float32)
+
+    for idx, ji, jt in plan:
+        yield idx, rows(u, idx), rows(u, ji), rows(v, idx), rows(v, jt)
 
 
 def train_stage1(
@@ -122,20 +166,19 @@ def train_stage1(
             state.shares = ck["shares"].to(device)
         history, start = ck["history"], ck["epoch"] + 1
         log.info("stage 1 resumes after epoch %d from %s", ck["epoch"], checkpoint)
-    bar = tqdm(range(start, cfg.epochs), desc="stage 1", unit="epoch", disable=not progress, leave=False,
-               initial=start, total=cfg.epochs)
-    for epoch in bar:
+    size = min(cfg.batch_size, n)
+    # as many batches as `_batches` makes: a lone last row joins the previous batch
+    steps_per_epoch = -(-n // size) - (1 if n > size and n % size == 1 else 0)
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=start * steps_per_epoch, desc="stage 1", unit="step",
+               disable=not progress, leave=False)
+    for epoch in range(start, cfg.epochs):
         heads.train()
         t0, sums, steps = time.perf_counter(), {}, 0
-        for idx in _batches(n, min(cfg.batch_size, n), g):
+        plan = _epoch_plan(ni, nt, n, cfg.batch_size, g)
+        for idx, ub, un, vb, vn in prefetch(_gather(u, v, plan, device)):
             b = idx.numel()
-            # one random neighbour per sample, drawn from the other modality's lists
-            jt = nt[idx, torch.randint(nt.shape[1], (b,), generator=g)]
-            ji = ni[idx, torch.randint(ni.shape[1], (b,), generator=g)]
-            idx, jt, ji = idx.to(device), jt.to(device), ji.to(device)
-            ub, vb = u[idx].float(), v[idx].float()
-            logits_i = heads.image(torch.cat([ub, u[ji].float()]))
-            logits_t = heads.text(torch.cat([vb, v[jt].float()]))
+            logits_i = heads.image(torch.cat([ub, un]))
+            logits_t = heads.text(torch.cat([vb, vn]))
             if use_fused:
                 res = fused.fused_step(
                     logits_i, logits_t, ub, vb, centers if cfg.center_target else None,
@@ -171,14 +214,16 @@ def train_stage1(
             for name, val in {**parts, "total": loss}.items():
                 sums[name] = sums.get(name, 0.0) + float(val.detach())
             steps += 1
+            bar.update(1)
         row = {"epoch": epoch, **{k_: s / steps for k_, s in sums.items()}, "seconds": time.perf_counter() - t0}
         history.append(row)
-        bar.set_postfix(loss=f"{row['total']:.3f}")
+        bar.set_postfix(epoch=epoch, loss=f"{row['total']:.3f}")
         if checkpoint is not None:
             payload = {"run": run_id, "epoch": epoch, "heads": heads.state_dict(), "opt": opt.state_dict(),
                        "rng": g.get_state(), "centers": centers, "history": history,
                        "shares": state.shares if state is not None else None}
             atomic_write(Path(checkpoint), lambda f: torch.save(payload, f))
+    bar.close()
     heads.eval()
     labels, conf = heads.predict(u, v if cfg.predict_with == "both" else None, chunk_size=chunks.assign)
     return Stage1Result(heads, labels, conf, history)

@@ -17,14 +17,21 @@ Any object with `image_features(batch) -> [B, D]` (L2-normalised, differentiable
 `tail_parameters(n) -> list[Parameter]` and `view_transform(kind) -> callable` for
 kind in {"eval", "weak", "strong"} can be tuned: `ClipEncoder`, `SyntheticEncoder`,
 `FeatureAdapter`.
+
+With a `checkpoint` path the training state is written there atomically after every
+epoch; `resume` continues a checkpoint of the same run and ends bit-identical to an
+uninterrupted run (see `train_stage2`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol, Union
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +39,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from ._io import atomic_write
 from .config import Stage2Config
 from .data import collate_skip
 from .heads import ClusterHead, ResidualAdapter
@@ -56,7 +64,8 @@ class FeatureAdapter(nn.Module):
         self.dropout = {"eval": 0.0, "weak": 0.0, "strong": cfg.strong_dropout}
 
     def image_features(self, u: Tensor) -> Tensor:
-        return self.adapter(u)
+        # stores hold fp16 rows; the adapter computes in its own (float32) dtype
+        return self.adapter(u.to(self.adapter.down.weight.dtype))
 
     def tail_parameters(self, n_blocks: int = 1) -> list[nn.Parameter]:
         return list(self.adapter.parameters())
@@ -91,7 +100,11 @@ class Stage2Result:
     mode: str  # "encoder" or "adapter"
     labels: Tensor  # [N]
     conf: Tensor  # [N]
-    features: Tensor  # [N, D] the tuned encoder's features (plain view)
+    # [K, D] float32 on the CPU: L2-normalised sum (= normalised mean) of the tuned
+    # encoder's plain-view features of each cluster under the final `labels`; a cluster
+    # with no member keeps a zero row. Accumulated batch by batch, so memory is O(K D)
+    # rather than O(N D); equals `ops.center_update(features, K, labels=labels)[0]`.
+    centers: Tensor
     history: list[dict] = field(default_factory=list)
 
 
@@ -124,26 +137,61 @@ def select_confident(labels: Tensor, conf: Tensor, k: int, cfg: Stage2Config) ->
 
 @torch.no_grad()
 def _predict(
-    encoder: Tunable, head: ClusterHead, source: Any, cfg: Stage2Config, progress: bool, desc: str, keep_features: bool = False
+    encoder: Tunable, head: ClusterHead, source: Any, cfg: Stage2Config, progress: bool, desc: str,
+    centers_k: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Labels and confidences [N] of the current encoder + head on the plain view
-    (probabilities exist one batch at a time), and the features [N, D] if asked."""
+    (probabilities exist one batch at a time), and with `centers_k` = K the cluster
+    centres [K, D] float32 (CPU): per predicted label the sum of the features, summed
+    batch by batch in source order (float32, on the features' device), L2-normalised; a
+    cluster nothing was predicted for keeps a zero row. Skipped items (label 0, conf 0)
+    add nothing. Only [batch, D] features and [K, D] sums exist at a time."""
     source.transform = encoder.view_transform("eval")
     head.eval()
     labels = torch.zeros(len(source), dtype=torch.long)
     conf = torch.zeros(len(source))
     loader = DataLoader(source, batch_size=cfg.batch_size * 4, shuffle=False, num_workers=cfg.num_workers, collate_fn=collate_skip)
-    feats = None
+    sums: Optional[Tensor] = None
     for batch, kept, _skipped in tqdm(loader, desc=desc, disable=not progress, leave=False):
         if batch is None:
             continue
         z = encoder.image_features(batch)
         c, l = torch.softmax(head(z), dim=1).max(1)
         labels[kept], conf[kept] = l.cpu(), c.cpu()
-        if keep_features:
-            feats = feats if feats is not None else torch.zeros(len(source), z.shape[1])
-            feats[kept] = z.float().cpu()
-    return labels, conf, feats
+        if centers_k is not None:
+            if sums is None:
+                sums = torch.zeros(centers_k, z.shape[1], dtype=torch.float32, device=z.device)
+            sums.index_add_(0, l.to(z.device), z.float())
+    if centers_k is None:
+        return labels, conf, None
+    if sums is None:  # every item was skipped: no feature, no centre
+        sums = torch.zeros(centers_k, head.dim, dtype=torch.float32)
+    return labels, conf, F.normalize(sums, dim=1).cpu()
+
+
+def _run_signature(stage1_labels: Tensor, stage1_conf: Tensor, k: int, seed: int, mode: str, cfg: Stage2Config,
+                   tuned: list[Tensor]) -> str:
+    """What a checkpoint must match to be resumed: the stage-1 labels and confidences (all
+    their bytes), K, the seed, the mode, every setting but the number of epochs (training
+    may be extended) and the shapes of the tuned parameters."""
+    settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "epochs"}
+    head = json.dumps({"n": int(stage1_labels.numel()), "k": k, "seed": seed, "mode": mode, "cfg": settings,
+                       "tuned": [list(p.shape) for p in tuned]}, sort_keys=True)
+    h = hashlib.sha256(head.encode())
+    h.update(stage1_labels.detach().cpu().to(torch.int64).contiguous().numpy().data)
+    h.update(stage1_conf.detach().cpu().to(torch.float32).contiguous().numpy().data)
+    return h.hexdigest()
+
+
+def _load_checkpoint(path: Path, run_id: str) -> dict:
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable file is reported the same way, with its cause
+        raise ValueError(f"cannot resume: {path} is not a readable stage-2 checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ck, dict) or ck.get("run") != run_id:
+        raise ValueError(f"cannot resume: {path} was written by another run (other stage-1 labels, K, seed, mode "
+                         "or settings); delete it or start without resume")
+    return ck
 
 
 def train_stage2(
@@ -157,20 +205,55 @@ def train_stage2(
     mode: str = "encoder",
     seed: int = 0,
     progress: bool = True,
+    checkpoint: Optional[Union[str, Path]] = None,
+    resume: bool = False,
 ) -> Stage2Result:
     """Fine-tune `encoder`'s tail + `head` on `source` (a data set of raw items whose
-    `transform` this function sets) from the stage-1 labels/confidences [N]."""
+    `transform` this function sets) from the stage-1 labels/confidences [N].
+
+    With `checkpoint`, the training state is written there atomically after every epoch:
+    the run signature, the epoch, the tuned parameters (`encoder.tail_parameters`, by
+    position; not the whole encoder), the head's and the optimiser's state, the sampling
+    generator and the global torch RNG (augmentations and DataLoader worker seeds draw
+    from it), the current labels/confidences and the history. With `resume` too, an
+    existing checkpoint of the same run (same stage-1 labels and confidences, K, seed,
+    mode and settings but the epoch count) is continued after its epoch, ending
+    bit-identical to an uninterrupted run (for deterministic kernels, e.g. on the CPU); a
+    checkpoint of another run or an unreadable file raises ValueError.
+
+    Returns the head, the tuned encoder, the final labels/confidences [N], the cluster
+    centres [K, D] of the tuned features (see `Stage2Result.centers`) and the history.
+    """
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
+    tuned = encoder.tail_parameters(cfg.finetune_blocks)
     params = [
-        {"params": encoder.tail_parameters(cfg.finetune_blocks), "lr": cfg.lr if mode == "encoder" else cfg.adapter_lr},
+        {"params": tuned, "lr": cfg.lr if mode == "encoder" else cfg.adapter_lr},
         {"params": list(head.parameters()), "lr": cfg.head_lr},
     ]
     opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
     s1_labels, s1_conf = stage1_labels.cpu(), stage1_conf.cpu().float()
     labels, conf = s1_labels, s1_conf
     history = []
-    bar = tqdm(range(cfg.epochs), desc=f"stage 2 ({mode})", unit="epoch", disable=not progress, leave=False)
+    run_id = _run_signature(s1_labels, s1_conf, k, seed, mode, cfg, tuned) if checkpoint is not None else ""
+    start = 0
+    if checkpoint is not None and resume and Path(checkpoint).exists():
+        ck = _load_checkpoint(Path(checkpoint), run_id)
+        saved = ck["tuned"]
+        if len(saved) != len(tuned) or any(s.shape != p.shape for s, p in zip(saved, tuned)):
+            raise ValueError(f"cannot resume: {checkpoint} holds other tuned parameters than this encoder's")
+        with torch.no_grad():
+            for p, s in zip(tuned, saved):
+                p.copy_(s)
+        head.load_state_dict(ck["head"])
+        opt.load_state_dict(ck["opt"])
+        g.set_state(ck["rng"])
+        torch.set_rng_state(ck["torch_rng"])
+        labels, conf = ck["labels"], ck["conf"]
+        history, start = ck["history"], ck["epoch"] + 1
+        log.info("stage 2 resumes after epoch %d from %s", ck["epoch"], checkpoint)
+    bar = tqdm(range(start, cfg.epochs), desc=f"stage 2 ({mode})", unit="epoch", disable=not progress, leave=False,
+               initial=start, total=cfg.epochs)
     for epoch in bar:
         t0 = time.perf_counter()
         sel, w = select_confident(labels, conf, k, cfg)
@@ -205,5 +288,10 @@ def train_stage2(
         history.append({"epoch": epoch, "loss": total / max(steps, 1), "selected": int(sel.numel()),
                         "changed": int((labels != s1_labels).sum()), "seconds": time.perf_counter() - t0})
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
-    final_labels, final_conf, feats = _predict(encoder, head, source, cfg, progress, "stage 2 predict", keep_features=True)
-    return Stage2Result(head, encoder, mode, final_labels, final_conf, feats, history)
+        if checkpoint is not None:
+            payload = {"run": run_id, "epoch": epoch, "tuned": [p.detach() for p in tuned],
+                       "head": head.state_dict(), "opt": opt.state_dict(), "rng": g.get_state(),
+                       "torch_rng": torch.get_rng_state(), "labels": labels, "conf": conf, "history": history}
+            atomic_write(Path(checkpoint), lambda f: torch.save(payload, f))
+    final_labels, final_conf, centers = _predict(encoder, head, source, cfg, progress, "stage 2 predict", centers_k=k)
+    return Stage2Result(head, encoder, mode, final_labels, final_conf, centers, history)

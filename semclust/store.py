@@ -265,6 +265,20 @@ class EmbeddingStore:
     def complete(self) -> bool:
         return bool(self.meta["complete"])
 
+    @property
+    def shard_count(self) -> int:
+        return len(self._shards)
+
+    def shard(self, i: int) -> np.ndarray:
+        """Shard `i` as its read-only memory map, float16 [rows, dim]."""
+        return self._shards[i]
+
+    def fingerprint(self) -> str:
+        """sha256 over the shards' recorded checksums: identifies the rows exactly without
+        reading them (open_store verified the checksums against the files)."""
+        sums = [e["sha256"] for e in self.meta["shards"]]
+        return hashlib.sha256(json.dumps([self.meta["dim"], sums]).encode()).hexdigest()
+
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) as a float16 array [stop - start, dim] (copied out of the shards)."""
         start, stop = max(0, start), min(len(self), stop)

@@ -26,9 +26,15 @@ def matrix(name: str, t: object, cols: int | None = None, finite: bool = True) -
     return t
 
 
-def finite_(name: str, t: Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).any(dim=-1).sum()) if t.dim() > 1 else int((~torch.isfinite(t)).sum())
+def finite_(name: str, t: Tensor, chunk_rows: int = 65536) -> None:
+    # row chunks: a memory-mapped [N, D] input must not become an [N, D] bool mask
+    rows = t if t.dim() > 1 else t[:, None]
+    bad = 0
+    for s in range(0, rows.shape[0], chunk_rows):
+        ok = torch.isfinite(rows[s : s + chunk_rows])
+        if not bool(ok.all()):
+            bad += int((~ok).any(dim=-1).sum()) if t.dim() > 1 else int((~ok).sum())
+    if bad:
         raise ValueError(f"{name} has {bad} row(s) with NaN or Inf; drop or repair them before clustering")
 
 

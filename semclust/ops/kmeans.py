@@ -57,6 +57,7 @@ def kmeans(
     init: str = "k-means++",
     tol: float = 1e-6,
     chunk_size: int = 65536,
+    init_sample: int = 65536,
 ) -> KMeansResult:
     """Spherical k-means (cosine), seeded, best of `restarts` by objective.
 
@@ -68,6 +69,9 @@ def kmeans(
     Args:
         x: [N, D] rows, L2-normalised (normalised here if not).
         k: clusters, 1 <= k <= N.  init: "k-means++" or "random".
+        init_sample: k-means++ seeds from at most this many random rows. Greedy seeding
+            makes k sequential passes over its rows, which at N = 1M and k = 3000 would
+            cost more than the Lloyd steps; Lloyd then runs on all N rows.
     Returns:
         KMeansResult(centers [K, D] float32, labels [N] int64,
         objective = mean_i (1 - cos(x_i, c_label_i)), lower is better).
@@ -76,6 +80,7 @@ def kmeans(
     k = V.count("k", k, 1, x.shape[0], what=f" (cannot make more clusters than the {x.shape[0]} rows)")
     V.count("iters", iters, 1)
     V.count("restarts", restarts, 1)
+    V.count("init_sample", init_sample, k, what=" (k-means++ needs at least k rows to seed from)")
     if init not in ("k-means++", "random"):
         raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
     # rows that are already unit-norm (embedding stores are) are used as they are, even
@@ -85,7 +90,10 @@ def kmeans(
     best = None
     for r in range(restarts):
         if init == "k-means++":
-            centers = kmeans_pp_init(xf, k, gen, chunk_size)
+            pool = xf
+            if xf.shape[0] > init_sample:
+                pool = xf[torch.randperm(xf.shape[0], generator=gen, device=x.device)[:init_sample].sort().values]
+            centers = kmeans_pp_init(pool, k, gen, chunk_size)
         else:
             centers = xf[torch.randperm(xf.shape[0], generator=gen, device=x.device)[:k]].float()
         prev_obj = float("inf")

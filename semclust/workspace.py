@@ -1,0 +1,142 @@
+"""A fit's working set: the [N, ...] arrays between phases, in memory or on disk.
+
+`fit` on a million images must not hold N x D floats in RAM, and a run killed in stage 1
+should not redo the hour of k-means and kNN before it. So every per-row intermediate
+(the consolidated image rows, the text counterparts, the two kNN lists) is allocated
+through a `Workspace`:
+
+* ``Workspace(None)`` keeps them in memory (small data, tests, the default).
+* ``Workspace(dir, run)`` writes each one as an ``.npy`` file, filled chunk by chunk
+  through a memory map under a temporary name, flushed and renamed when complete, and
+  recorded in ``workspace.json`` (rewritten atomically). Readers memory-map them, so the
+  OS pages rows in and out and peak memory follows the chunk sizes, not N. A later fit
+  of the same run (same data fingerprint and settings) finds the finished arrays and
+  skips their phases; a directory of another run is refused unless it is started over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._io import TMP_PREFIX, atomic_write
+
+log = logging.getLogger(__name__)
+
+STATE = "workspace.json"
+FORMAT = "semclust-workspace/1"
+
+
+def fingerprint(t: Tensor, samples: int = 1024) -> str:
+    """sha256 of a tensor's shape and a strided sample of its rows (at most `samples` + 1):
+    cheap on a memory-mapped [N, D], and it changes when the data do in practice."""
+    rows = t[:: max(1, t.shape[0] // samples)].detach().float().cpu().contiguous()
+    return hashlib.sha256(repr(tuple(t.shape)).encode() + rows.numpy().tobytes()).hexdigest()
+
+
+def as_tensor(a: np.ndarray) -> Tensor:
+    """Zero-copy tensor over an array; a read-only memory map is reopened copy-on-write
+    so torch can wrap it (no page is copied unless written)."""
+    if isinstance(a, np.memmap) and not a.flags.writeable:
+        a = np.load(a.filename, mmap_mode="c")
+    return torch.from_numpy(a)
+
+
+class Workspace:
+    """Per-row arrays of one fit run, in memory (``root=None``) or memory-mapped files."""
+
+    def __init__(self, root: Optional[Union[str, os.PathLike]], run: str = "", fresh: bool = False) -> None:
+        self.root = None if root is None else Path(root)
+        self.run = run
+        self._memory: dict[str, Tensor] = {}
+        if self.root is None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        state = self._state()
+        if state and state.get("run") != run:
+            if not fresh:
+                raise ValueError(
+                    f"cannot resume: {self.root} holds the working files of another run (other data, K, seed or "
+                    "settings); delete it or start without resume")
+            state = None
+        if fresh or state is None:
+            for name in (state or {}).get("arrays", {}):
+                (self.root / f"{name}.npy").unlink(missing_ok=True)
+            self._write_state({"format": FORMAT, "run": run, "arrays": {}})
+
+    @property
+    def on_disk(self) -> bool:
+        return self.root is not None
+
+    def _state(self) -> Optional[dict[str, Any]]:
+        file = self.root / STATE
+        if not file.is_file():
+            return None
+        try:
+            state = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file} is damaged ({e}); delete the directory to start over") from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError(f"{file} is not a {FORMAT} file")
+        return state
+
+    def _write_state(self, state: dict[str, Any]) -> None:
+        blob = json.dumps(state, indent=1).encode()
+        atomic_write(self.root / STATE, lambda f: f.write(blob))
+
+    def path(self, name: str) -> Optional[Path]:
+        return None if self.root is None else self.root / name
+
+    def get(self, name: str) -> Optional[Tensor]:
+        """The finished array `name`, or None when it still has to be computed."""
+        if self.root is None:
+            return self._memory.get(name)
+        entry = self._state()["arrays"].get(name)
+        file = self.root / f"{name}.npy"
+        if entry is None or not file.is_file():
+            return None
+        arr = np.load(file, mmap_mode="r")
+        if list(arr.shape) != entry["shape"] or str(arr.dtype) != entry["dtype"]:
+            raise ValueError(f"{file} has shape {arr.shape} {arr.dtype}, its record says {entry}: the workspace is damaged")
+        return as_tensor(arr)
+
+    def fill(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+             produce: Callable[[Tensor], None]) -> Tensor:
+        """Allocate `name`, let `produce(out)` write every row of it, then publish it.
+
+        On disk the array is a memory map under a temporary name until `produce` returns,
+        so a kill leaves no half-written array that a resume could take for finished.
+        """
+        if self.root is None:
+            out = torch.empty(shape, dtype=dtype)
+            produce(out)
+            self._memory[name] = out
+            return out
+        np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+        final = self.root / f"{name}.npy"
+        tmp = self.root / f"{TMP_PREFIX}{name}.npy"
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype, shape=shape)
+        try:
+            produce(torch.from_numpy(arr))
+            arr.flush()
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            del arr
+        os.replace(tmp, final)
+        state = self._state()
+        state["arrays"][name] = {"shape": list(shape), "dtype": str(np_dtype)}
+        self._write_state(state)
+        log.info("workspace: wrote %s %s", final, shape)
+        return self.get(name)
