@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from . import counterparts, ops, stage1, stage2
+from . import ann, counterparts, ops, stage1, stage2
 from ._io import atomic_save_tensors, atomic_write, sha256_file
 from .config import Config
 from .distributed import is_distributed
@@ -277,8 +277,13 @@ class SemanticClusterer:
                 got = ws.get(name)
                 if got is None:
                     got = ws.fill(name, (n, kk), torch.int32, lambda out, z=z, name=name: stage1.neighbours(
-                        z, kk, cfg.chunks, out=out, progress=self.progress, desc=name.replace("_", " ")))
+                        z, kk, cfg.chunks, out=out, progress=self.progress, desc=name.replace("_", " "), cfg=cfg.stage1))
                 lists[name] = got
+            if cfg.stage1.knn_method != "exact" and cfg.stage1.knn_recall_sample:
+                recall = {name: ann.recall_at_k(z, lists[name], kk, cfg.stage1.knn_recall_sample, seed=self.seed,
+                                                database_chunk=cfg.chunks.knn_database)
+                          for name, z in (("knn_image", u), ("knn_text", v))}
+                log.info("approximate kNN recall@%d: %s", kk, recall)
         with phases("stage1"):
             ckpt = None if ws.root is None else ws.root / "stage1.ckpt"
             r1 = stage1.train_stage1(u, v, k, cfg.stage1, seed=self.seed, chunks=cfg.chunks, progress=self.progress,
@@ -324,6 +329,7 @@ class SemanticClusterer:
             "nouns_total": int(bank_all.shape[0]),
             "nouns_selected": int(bank.shape[0]),
             "skipped": report.count,
+            "knn_recall": recall if cfg.stage1.knn_method != "exact" and cfg.stage1.knn_recall_sample else None,
         }
         log.info("fit phases:\n%s", phases.table())
         self._config = cfg
@@ -333,8 +339,9 @@ class SemanticClusterer:
         """What a workspace must match to be reused: the data, the nouns, K, the seed and
         the settings of the phases it caches."""
         data = inputs.store.fingerprint() if inputs.store is not None else fingerprint(u)
+        knn = {f: getattr(cfg.stage1, f) for f in ("knn_k", "knn_method", "knn_nlist", "knn_nprobe")}
         settings = {"k": int(self.n_clusters), "seed": self.seed, "semantic": cfg.to_dict()["semantic"],
-                    "counterparts": cfg.to_dict()["counterparts"], "knn_k": cfg.stage1.knn_k,
+                    "counterparts": cfg.to_dict()["counterparts"], "knn": knn,
                     "data": data, "nouns": fingerprint(bank)}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 

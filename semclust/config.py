@@ -46,6 +46,10 @@ class Stage1Config:
     lr: float = 1e-3  # Adam (TAC)
     weight_decay: float = 0.0
     knn_k: int = 50  # (TAC)
+    knn_method: str = "exact"  # "exact" (chunked, N^2 D) or "ivf" (faiss IVF, needs faiss; for N in the millions)
+    knn_nlist: int = 0  # IVF cells; 0: 4 sqrt(N)
+    knn_nprobe: int = 16  # IVF cells scanned per query
+    knn_recall_sample: int = 1000  # with "ivf": queries checked against exact search, recall@k in history_
     cluster_tau: float = 0.5  # assignment- and centre-level InfoNCE temperature (TAC)
     center_tau: float = 0.1  # tau_a: heads aligned with softmax(u c^T / tau_a)
     center_momentum: float = 0.9  # EMA of the fused image/text centres across batches

@@ -21,7 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import fused_step as fused
-from . import losses, ops
+from . import ann, losses, ops
 from ._io import atomic_write
 from .config import ChunkConfig, Stage1Config
 from .heads import Heads
@@ -40,14 +40,20 @@ class Stage1Result:
 
 
 def neighbours(z: Tensor, k: int, chunks: ChunkConfig, out: Optional[Tensor] = None, progress: bool = False,
-               desc: str = "knn") -> Tensor:
+               desc: str = "knn", cfg: Optional[Stage1Config] = None) -> Tensor:
     """[N, k] indices (int32 unless `out` says otherwise) of each row's k nearest other
     rows by cosine, written `chunks.knn_queries` query rows at a time so that only
-    [chunk, k] results exist besides `out` (which may be memory-mapped)."""
+    [chunk, k] results exist besides `out` (which may be memory-mapped). Exact, unless
+    `cfg.knn_method` is "ivf" (faiss, approximate; see `semclust.ann`)."""
     n = z.shape[0]
     out = torch.empty((n, k), dtype=torch.int32) if out is None else out
     if tuple(out.shape) != (n, k):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {(n, k)}")
+    if cfg is not None and cfg.knn_method == "ivf":
+        return ann.ivf_neighbours(z, k, out, cfg.knn_nlist, cfg.knn_nprobe, chunk=chunks.knn_database,
+                                  progress=progress, desc=f"{desc} (ivf)")
+    if cfg is not None and cfg.knn_method != "exact":
+        raise ValueError(f"knn_method must be 'exact' or 'ivf', got {cfg.knn_method!r}")
     step = chunks.knn_queries
     with tqdm(total=n, desc=desc, unit="query", unit_scale=True, disable=not progress, leave=False) as bar:
         for s in range(0, n, step):
@@ -144,8 +150,8 @@ def train_stage1(
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     kk = min(cfg.knn_k, n - 1)
-    ni = image_neighbours if image_neighbours is not None else neighbours(u, kk, chunks)
-    nt = text_neighbours if text_neighbours is not None else neighbours(v, kk, chunks)
+    ni = image_neighbours if image_neighbours is not None else neighbours(u, kk, chunks, cfg=cfg)
+    nt = text_neighbours if text_neighbours is not None else neighbours(v, kk, chunks, cfg=cfg)
     heads = Heads(d, k, cfg.hidden).to(device)
     opt = torch.optim.Adam(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = losses.BalanceState.uniform(k, cfg.balance_momentum, cfg.balance_power, device) if cfg.balance == "dynamic" else None

@@ -99,10 +99,13 @@ def kmeans(
         prev_obj = float("inf")
         for it in range(iters):
             labels = assign(xf, centers, _HARD_TAU, chunk_size=chunk_size).labels
-            new, counts = center_update(xf, k, labels=labels)
+            means, counts = center_update(xf, k, labels=labels, normalize=False)
+            means = means.float()
+            # the objective of the new centres needs no pass over x: the centre of S_c
+            # (its members' sum) is S_c / |S_c|, so sum_i cos(x_i, c_label_i) = sum_c |S_c|
+            obj = float(1.0 - (means.norm(dim=1) * counts.float()).sum() / x.shape[0])
             # centres in float32 on the unit sphere whatever the storage dtype of x
-            centers = torch.nn.functional.normalize(_reseed_empty(xf, new.float(), labels, counts, chunk_size), dim=1)
-            obj = float(_objective(xf, centers, labels, chunk_size))
+            centers = torch.nn.functional.normalize(_reseed_empty(xf, means, labels, counts, chunk_size), dim=1)
             if prev_obj - obj < tol:
                 break
             prev_obj = obj

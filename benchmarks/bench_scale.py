@@ -1,0 +1,213 @@
+"""Scale: the streaming fit from an embedding store at N = 100k and 1M, and its peers.
+
+    python -m benchmarks.bench_scale [--quick] [--n 100000 1000000] [--k 100 1000]
+                                     [--workdir DIR] [--json out.json]
+    semclust bench scale [--quick]
+
+Data: synthetic unit vectors in D = 512 around 1000 latent centres, written to an
+embedding store (fp16 shards of 65,536 rows, generated chunk by chunk) once per N and
+reused for every K; a 20,000-noun bank (half near the latent centres, half random).
+
+Each (N, K) runs `SemanticClusterer(stage=1).fit(store)` in a fresh subprocess, so its
+peak RSS is the run's own: the store is memory-mapped, the workspace (counterparts, kNN
+lists) lives on disk beside it. Reported per phase: seconds and the process's peak RSS at
+the phase's end (memory-mapped pages the process touched count, as the OS counts them),
+then `predict(store)`. Settings that would take hours on a 2-core CPU are lowered and
+printed with the table (`--kmeans-iters`, `--epochs`, `--knn`); the per-iteration and
+per-epoch times let the full defaults be projected.
+
+Peers, in their own subprocess on the same store: faiss k-means (same M centres and
+iterations; faiss subsamples 256 rows per centre by default, as it does in practice) and
+faiss kNN (IndexFlatIP exact where N allows, IVF-SQfp16 otherwise).
+
+The 10M row is projected from the 1M run: k-means per iteration scales as N x M with
+M = N / 300 (so N^2), IVF kNN as N^1.5 (nlist ~ sqrt N), counterparts, stage 1 and
+predict linearly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+DIM = 512
+LATENT = 1000
+NOUNS = 20000
+SEED = 0
+
+
+def _latent(dim: int = DIM) -> torch.Tensor:
+    g = torch.Generator().manual_seed(SEED)
+    return torch.nn.functional.normalize(torch.randn(LATENT, dim, generator=g), dim=1)
+
+
+def make_store(path: Path, n: int, chunk: int = 65536) -> Path:
+    """Write N synthetic rows (latent centre + noise, normalised) to a store, once."""
+    from semclust.store import StoreWriter, is_store, open_store
+
+    if is_store(path) and open_store(path, verify=False).complete and len(open_store(path, verify=False)) == n:
+        return path
+    centres = _latent()
+    g = torch.Generator().manual_seed(SEED + 1)
+    with StoreWriter(path, "synthetic-scale", None, None, DIM, shard_rows=65536) as w:
+        for s in range(0, n, chunk):
+            m = min(chunk, n - s)
+            lab = torch.randint(LATENT, (m,), generator=g)
+            x = centres[lab] + 0.045 * torch.randn(m, DIM, generator=g)
+            w.append(torch.nn.functional.normalize(x, dim=1), [str(i) for i in range(s, s + m)])
+        w.close(source_consumed=n)
+    return path
+
+
+def noun_bank() -> torch.Tensor:
+    g = torch.Generator().manual_seed(SEED + 2)
+    c = _latent()
+    near = c[torch.randint(LATENT, (NOUNS // 2,), generator=g)] + 0.05 * torch.randn(NOUNS // 2, DIM, generator=g)
+    far = torch.randn(NOUNS - NOUNS // 2, DIM, generator=g)
+    return torch.nn.functional.normalize(torch.cat([near, far]), dim=1)
+
+
+def run_ours(store: Path, k: int, kmeans_iters: int, restarts: int, epochs: int, knn: str, work: Path) -> dict:
+    from semclust import SemanticClusterer
+    from semclust.config import Config
+    from semclust.report import peak_rss_mb
+
+    cfg = Config()
+    cfg.semantic.kmeans_iters, cfg.semantic.kmeans_restarts = kmeans_iters, restarts
+    cfg.stage1.epochs, cfg.stage1.knn_method = epochs, knn
+    model = SemanticClusterer(k, clip=None, nouns=noun_bank(), stage=1, config=cfg, device="cpu",
+                              checkpoint_dir=work)
+    model.fit(str(store))
+    t0 = time.perf_counter()
+    labels = model.predict(str(store))
+    phases = model.history_["phases"] + [{"phase": "predict", "seconds": time.perf_counter() - t0,
+                                          "peak_rss_mb": peak_rss_mb()}]
+    return {"phases": phases, "epoch_seconds": [r["seconds"] for r in model.history_["stage1"]],
+            "clusters_used": int(np.unique(labels).size), "knn_recall": model.history_.get("knn_recall"),
+            "nouns_selected": model.history_["nouns_selected"]}
+
+
+def run_faiss(store: Path, k_means: int, kmeans_iters: int, knn_k: int, knn: str) -> dict:
+    import faiss
+
+    from semclust import ann
+    from semclust.report import peak_rss_mb
+    from semclust.store import open_store
+
+    s = open_store(store, verify=False)
+    x = np.concatenate([s.shard(i) for i in range(s.shard_count)]).astype(np.float32)
+    out = {}
+    t0 = time.perf_counter()
+    km = faiss.Kmeans(DIM, k_means, niter=kmeans_iters, spherical=True, seed=SEED)
+    km.train(x)
+    out["kmeans_seconds"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if knn == "exact":
+        index = faiss.IndexFlatIP(DIM)
+        index.add(x)
+        for q in range(0, len(x), 65536):
+            index.search(x[q : q + 65536], knn_k + 1)
+    else:
+        ann.ivf_neighbours(torch.from_numpy(x), knn_k, torch.empty((len(x), knn_k), dtype=torch.int32))
+    out["knn_seconds_one_modality"] = time.perf_counter() - t0
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def _child(args: list[str]) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    res = subprocess.run([sys.executable, "-m", "benchmarks.bench_scale", *args], capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(f"bench_scale child {args} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _project(row: dict, factor: float) -> dict:
+    """Seconds of each phase at factor x N, by the scaling laws in the module doc."""
+    law = {"kmeans": 2.0, "knn": 1.5, "counterparts": 1.0, "stage1": 1.0, "predict": 1.0, "encode": 1.0}
+    return {p["phase"]: p["seconds"] * factor ** law.get(p["phase"], 1.0) for p in row["ours"]["phases"]}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--k", type=int, nargs="+", default=[100, 1000])
+    ap.add_argument("--quick", action="store_true", help="N = 20k, K = 100, 2 epochs: a few minutes")
+    ap.add_argument("--workdir", default=os.environ.get("SEMCLUST_BENCH_DIR", "bench-scale-data"))
+    ap.add_argument("--kmeans-iters", type=int, default=None, help="default: 100 up to 100k rows, else 10")
+    ap.add_argument("--restarts", type=int, default=None, help="default: 3 up to 100k rows, else 1")
+    ap.add_argument("--epochs", type=int, default=None, help="stage-1 epochs (default: 40 up to 100k rows, else 2)")
+    ap.add_argument("--knn", choices=("exact", "ivf", "auto"), default="auto", help="auto: exact up to 100k rows")
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--json")
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    if a.child:
+        kind, store, *rest = a.child
+        if kind == "ours":
+            k, iters, restarts, epochs, knn, work = rest
+            print(json.dumps(run_ours(Path(store), int(k), int(iters), int(restarts), int(epochs), knn, Path(work))))
+        else:
+            m, iters, kk, knn = rest
+            print(json.dumps(run_faiss(Path(store), int(m), int(iters), int(kk), knn)))
+        return 0
+
+    ns, ks = ([20_000], [100]) if a.quick else (a.n, a.k)
+    root = Path(a.workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n in ns:
+        big = n > 100_000
+        iters = a.kmeans_iters or (10 if big else 100)
+        restarts = a.restarts or (1 if big else 3)
+        epochs = a.epochs or (2 if a.quick else (2 if big else 40))
+        knn = a.knn if a.knn != "auto" else ("ivf" if big else "exact")
+        t0 = time.perf_counter()
+        store = make_store(root / f"store-{n}", n)
+        print(f"N={n}: store ready ({time.perf_counter() - t0:.0f} s)", flush=True)
+        for k in ks:
+            work = root / f"work-{n}-{k}"
+            if work.exists():
+                import shutil
+
+                shutil.rmtree(work)
+            ours = _child(["--child", "ours", str(store), str(k), str(iters), str(restarts), str(epochs), knn, str(work)])
+            row = {"n": n, "k": k, "kmeans_iters": iters, "restarts": restarts, "epochs": epochs, "knn": knn, "ours": ours}
+            if not a.no_peers and k == ks[0]:
+                m = max(k, n // 300)
+                row["faiss"] = _child(["--child", "faiss", str(store), str(m), str(iters), "50", knn])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    _print(rows)
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def _print(rows: list[dict]) -> None:
+    print(f"\n{'N':>9} {'K':>5} {'phase':<13}{'s':>9} {'peak RSS MiB':>13}")
+    for r in rows:
+        for p in r["ours"]["phases"]:
+            print(f"{r['n']:>9} {r['k']:>5} {p['phase']:<13}{p['seconds']:>9.1f} {p['peak_rss_mb']:>13.0f}")
+        if "faiss" in r:
+            f = r["faiss"]
+            print(f"{r['n']:>9} {'':>5} {'faiss kmeans':<13}{f['kmeans_seconds']:>9.1f}\n"
+                  f"{r['n']:>9} {'':>5} {'faiss knn x1':<13}{f['knn_seconds_one_modality']:>9.1f} {f['peak_rss_mb']:>13.0f}")
+    for r in rows:
+        if r["n"] == 1_000_000:
+            proj = _project(r, 10.0)
+            print(f"projected N=10M K={r['k']} (same settings): " + ", ".join(f"{p} {s / 3600:.1f} h" for p, s in proj.items()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
