@@ -32,6 +32,7 @@ from .config import Config
 from .distributed import is_distributed
 from .data import ImageSource, SkipReport, TensorSource, collate_skip, list_images, load_embeddings
 from .heads import ClusterHead, Heads
+from .ops.kmeans import _unit_rows
 from .report import Phases
 from .store import EmbeddingStore, is_store, open_store
 from .workspace import Workspace, as_tensor, fingerprint
@@ -71,16 +72,21 @@ class _Inputs:
     store: Optional[EmbeddingStore] = None  # an embedding store, read memory-mapped in chunks
 
 
+def _features(t: Tensor) -> Tensor:
+    # fp16 features stay fp16 (a store's precision, half the memory); others become float32
+    return t if t.dtype == torch.float16 else t.float()
+
+
 def _as_inputs(x: InputLike) -> _Inputs:
     """Classify what the user passed: features, a store, an embedding file, or images."""
     if isinstance(x, np.ndarray):
         if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
             raise ValueError(f"an array input must be float [N, D] embeddings, got {x.dtype} {x.shape}")
-        return _Inputs(torch.from_numpy(np.ascontiguousarray(x)).float(), None)
+        return _Inputs(_features(torch.from_numpy(np.ascontiguousarray(x))), None)
     if isinstance(x, Tensor):
         if x.dim() != 2 or not x.is_floating_point():
             raise ValueError(f"a tensor input must be float [N, D] embeddings, got {x.dtype} {tuple(x.shape)}")
-        return _Inputs(x.detach().float(), None)
+        return _Inputs(_features(x.detach()), None)
     if isinstance(x, (str, os.PathLike)):
         p = Path(x)
         if not p.exists():
@@ -252,8 +258,11 @@ class SemanticClusterer:
             if k > n:
                 raise ValueError(f"n_clusters={k} is larger than the number of samples ({n})")
             if u is not None:
-                # fp16 rows stay fp16 (half the memory); every op reads them chunk by chunk
-                u = torch.nn.functional.normalize(u if u.dtype == torch.float16 else u.float(), dim=1).to(device)
+                # fp16 rows stay fp16 (half the memory; every op reads them chunk by chunk) and,
+                # when already unit-norm (a store's rows), exactly as given
+                if u.dtype != torch.float16 or not _unit_rows(u, cfg.chunks.assign):
+                    u = torch.nn.functional.normalize(u if u.dtype == torch.float16 else u.float(), dim=1)
+                u = u.to(device)
             bank_all = self._noun_bank(self.nouns if nouns is None else nouns, inputs.store.dim if u is None else u.shape[1])
             ws = Workspace(work_dir, self._run_id(inputs, u, bank_all, cfg), fresh=not self.resume)
             if u is None:
@@ -267,8 +276,8 @@ class SemanticClusterer:
         with phases("counterparts"):
             v = ws.get("counterparts")
             if v is None:
-                v = ws.fill("counterparts", (n, d), u.dtype, lambda out: counterparts.text_counterparts(
-                    u, bank, cfg.counterparts, cfg.chunks, out=out, progress=self.progress))
+                v = ws.fill("counterparts", (n, d), u.dtype, lambda out, lo, hi: counterparts.text_counterparts(
+                    u, bank, cfg.counterparts, cfg.chunks, out=out, progress=self.progress, rows=(lo, hi)))
             v = v.to(device)
         kk = min(cfg.stage1.knn_k, n - 1)
         lists = {}
@@ -276,8 +285,9 @@ class SemanticClusterer:
             for name, z in (("knn_image", u), ("knn_text", v)):
                 got = ws.get(name)
                 if got is None:
-                    got = ws.fill(name, (n, kk), torch.int32, lambda out, z=z, name=name: stage1.neighbours(
-                        z, kk, cfg.chunks, out=out, progress=self.progress, desc=name.replace("_", " "), cfg=cfg.stage1))
+                    got = ws.fill(name, (n, kk), torch.int32, lambda out, lo, hi, z=z, name=name: stage1.neighbours(
+                        z, kk, cfg.chunks, out=out, progress=self.progress, desc=name.replace("_", " "), cfg=cfg.stage1,
+                        rows=(lo, hi)))
                 lists[name] = got
             if cfg.stage1.knn_method != "exact" and cfg.stage1.knn_recall_sample:
                 recall = {name: ann.recall_at_k(z, lists[name], kk, cfg.stage1.knn_recall_sample, seed=self.seed,
@@ -355,9 +365,10 @@ class SemanticClusterer:
         if got is not None:
             return got
 
-        def copy_rows(out: Tensor) -> None:
-            for s in range(0, len(store), cfg.chunks.assign):
-                out[s : s + cfg.chunks.assign] = torch.from_numpy(store.rows(s, s + cfg.chunks.assign))
+        def copy_rows(out: Tensor, lo: int, hi: int) -> None:
+            for s in range(lo, hi, cfg.chunks.assign):
+                e = min(s + cfg.chunks.assign, hi)
+                out[s:e] = torch.from_numpy(store.rows(s, e))
 
         return ws.fill("images", (len(store), store.dim), torch.float16, copy_rows)
 

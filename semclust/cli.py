@@ -109,16 +109,22 @@ def _read_nouns(spec: Optional[str]):
 def cmd_fit(a: argparse.Namespace) -> int:
     from .api import SemanticClusterer
     from .config import Config
+    from .distributed import init_from_env
+    from .report import Phases
 
     _seed_everything(a.seed)
+    info = init_from_env()  # under torchrun: join the group; the fit then shards its phases
     cfg = Config.from_dict(json.loads(Path(a.config).read_text())) if a.config else Config()
     if a.epochs is not None:
         cfg.stage1.epochs = a.epochs
     nouns = _read_nouns(a.nouns)
     model = SemanticClusterer(a.k, clip=a.clip, pretrained=a.pretrained, nouns="default" if nouns is None else nouns,
-                              stage=a.stage, config=cfg, device=a.device, seed=a.seed, progress=not a.no_progress,
+                              stage=a.stage, config=cfg, device=a.device or (str(info.device) if info.world > 1 else None),
+                              seed=a.seed, progress=not a.no_progress and info.rank == 0,
                               checkpoint_dir=a.out, resume=a.resume)
     model.fit(a.input)
+    if info.rank != 0:  # every rank holds the same model; one writes it
+        return 0
     out = model.save(a.out)
     np.save(out / "labels.npy", model.labels_)
     counts = np.bincount(model.labels_[model.labels_ >= 0], minlength=a.k)
@@ -126,6 +132,8 @@ def cmd_fit(a: argparse.Namespace) -> int:
     if model.skipped_.count:
         print(str(model.skipped_))
     print(f"model and labels.npy written to {out}")
+    if not a.no_progress:
+        print(Phases.format(model.history_["phases"]))
     return 0
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from . import ops
 from .config import ChunkConfig, CounterpartConfig, SemanticSpaceConfig
 
@@ -42,7 +43,13 @@ def select_nouns(
     """Choose the nouns near the images' semantic centres. u [N, D], nouns [W, D]."""
     n = u.shape[0]
     m = min(n, max(k, n // cfg.images_per_centre))
-    km = ops.kmeans(u, m, iters=cfg.kmeans_iters, restarts=cfg.kmeans_restarts, seed=seed, chunk_size=chunks.assign)
+    if dist.is_distributed():
+        # each rank reads its shard of rows; centres are all-reduced, identical everywhere
+        lo, hi = dist.shard_range(n, torch.distributed.get_rank(), torch.distributed.get_world_size())
+        km = dist.kmeans(u[lo:hi], m, iters=cfg.kmeans_iters, restarts=cfg.kmeans_restarts, seed=seed,
+                         global_offset=lo, chunk_size=chunks.assign)
+    else:
+        km = ops.kmeans(u, m, iters=cfg.kmeans_iters, restarts=cfg.kmeans_restarts, seed=seed, chunk_size=chunks.assign)
     votes = ops.assign(nouns, km.centers.to(nouns.dtype), cfg.noun_tau, chunk_size=chunks.assign)
     chosen = []
     for c in range(m):
@@ -58,21 +65,23 @@ def select_nouns(
 
 def text_counterparts(
     u: Tensor, bank: Tensor, cfg: CounterpartConfig, chunks: ChunkConfig = ChunkConfig(),
-    out: Optional[Tensor] = None, progress: bool = False,
+    out: Optional[Tensor] = None, progress: bool = False, rows: Optional[tuple[int, int]] = None,
 ) -> Tensor:
     """[N, D] L2-normalised counterparts of the images u [N, D] from the noun bank [W', D].
 
     Written into `out` (default: a new tensor of u's dtype) `chunks.retrieve` rows at a
     time, so u and out may be memory-mapped and only a [chunk, W'] block is in memory.
+    `rows` = (lo, hi) fills only those rows (one rank's share).
     """
     out = torch.empty(u.shape, dtype=u.dtype, device=u.device) if out is None else out
     if out.shape != u.shape:
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(u.shape)}")
     step = chunks.retrieve
     b = bank.float().to(u.device)
-    with tqdm(total=u.shape[0], desc="counterparts", unit="img", unit_scale=True, disable=not progress, leave=False) as bar:
-        for s in range(0, u.shape[0], step):
-            v = ops.retrieve(u[s : s + step].to(b.device).float(), b, cfg.tau, normalize=True, chunk_size=step)
-            out[s : s + step] = v.to(device=out.device, dtype=out.dtype)
+    lo, hi = rows or (0, u.shape[0])
+    with tqdm(total=hi - lo, desc="counterparts", unit="img", unit_scale=True, disable=not progress, leave=False) as bar:
+        for s in range(lo, hi, step):
+            v = ops.retrieve(u[s : min(s + step, hi)].to(b.device).float(), b, cfg.tau, normalize=True, chunk_size=step)
+            out[s : s + v.shape[0]] = v.to(device=out.device, dtype=out.dtype)
             bar.update(v.shape[0])
     return out

@@ -24,18 +24,20 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+import torch.distributed.nn.functional as dist_fn
+from torch import Tensor, nn
 
 from . import ops
 from .ops import _validate as V
-from .ops.kmeans import _HARD_TAU  # the same hard-assignment temperature as ops.kmeans: identical labels
+from .ops.kmeans import _HARD_TAU, _unit_rows  # the same hard-assignment temperature as ops.kmeans: identical labels
 from .ops.reference import KMeansResult, kmeans_pp_init
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "DistInfo", "init_from_env", "is_distributed", "shard_range", "all_reduce_sum",
-    "all_gather_rows", "kmeans", "knn_ring", "cluster_shares",
+    "all_gather_rows", "kmeans", "knn_ring", "cluster_shares", "gather_batch", "GlobalBatchNorm1d",
+    "use_global_batchnorm", "barrier",
 ]
 
 
@@ -329,7 +331,8 @@ def kmeans(
     V.count("iters", iters, 1)
     V.count("restarts", restarts, 1)
     V.count("chunk_size", chunk_size, 1)
-    xf = torch.nn.functional.normalize(x_local.float(), dim=1)
+    # unit rows (a memory-mapped fp16 store) are read chunk by chunk as they are
+    xf = x_local if _unit_rows(x_local, chunk_size) else torch.nn.functional.normalize(x_local.float(), dim=1)
     seeds_from = _global_sample(xf, lay, sample, seed)
     gen = torch.Generator(device=xf.device).manual_seed(seed)
     best: Optional[KMeansResult] = None
@@ -469,3 +472,68 @@ def cluster_shares(probs_or_colsum: Tensor, n_local: Optional[int] = None) -> Te
         raise ValueError("no rows on any rank: the cluster shares are undefined")
     # the value is the global sum; colsum - colsum.detach() (exactly 0) routes the gradient to the local rows
     return (totals[:-1].to(work) + colsum - colsum.detach()) / float(totals[-1])
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op without a process group)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def gather_batch(t_local: Tensor, sizes: list[int]) -> Tensor:
+    """Every rank's slice of one global batch, concatenated in rank order, differentiable.
+
+    `sizes` are the ranks' row counts (known to all: `shard_range` of the batch). The
+    backward hands each rank the sum over ranks of the gradients of its rows; a loss
+    computed alike on every rank from the gathered batch therefore gives each rank
+    P x its rows' share of the gradient, and DDP's average over P ranks restores the
+    exact gradient of the single-process loss. Rows are padded to the largest slice
+    (collectives need equal shapes) and trimmed.
+    """
+    if not is_distributed():
+        return t_local
+    top = max(sizes)
+    pad = torch.cat([t_local, t_local.new_zeros((top - t_local.shape[0],) + tuple(t_local.shape[1:]))])
+    parts = dist_fn.all_gather(pad)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d normalising with the statistics of the global batch (all ranks).
+
+    torch's SyncBatchNorm runs on GPUs only; this one works with gloo too. Mean and
+    variance are all-reduced in two passes (sum, then sum of squared deviations) with
+    differentiable collectives, so the gradient is that of BatchNorm on the whole batch
+    (scaled by P like `gather_batch`, which DDP's average undoes). Without a process
+    group, or in eval mode, it is plain BatchNorm1d; state_dict keys are the same.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        count = x.new_full((1,), float(x.shape[0]))
+        first = dist_fn.all_reduce(torch.cat([x.sum(0), count]))
+        n = first[-1]
+        mean = first[:-1] / n
+        var = dist_fn.all_reduce(((x - mean) ** 2).sum(0)) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
+                self.running_mean.mul_(1 - m).add_(m * mean.detach())
+                self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1).clamp_min(1))
+                self.num_batches_tracked.add_(1)
+        y = (x - mean) / torch.sqrt(var + self.eps)
+        return y * self.weight + self.bias if self.affine else y
+
+
+def use_global_batchnorm(module: nn.Module) -> nn.Module:
+    """Swap every BatchNorm1d of `module` for a GlobalBatchNorm1d (same parameters and
+    buffers), in place; returns `module`."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm1d:
+            g = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            g.load_state_dict(child.state_dict())
+            setattr(module, name, g.to(next(child.buffers()).device))
+        else:
+            use_global_batchnorm(child)
+    return module

@@ -43,6 +43,10 @@ class Heads(nn.Module):
         self.image = ClusterHead(dim, k, hidden)
         self.text = ClusterHead(dim, k, hidden)
 
+    def forward(self, x_image: Tensor, x_text: Tensor) -> tuple[Tensor, Tensor]:
+        """(f_I(x_image), f_T(x_text)) logits; one call, so DDP sees one forward per step."""
+        return self.image(x_image), self.text(x_text)
+
     @torch.no_grad()
     def _proba(self, u: Tensor, v: Tensor | None) -> Tensor:
         p = torch.softmax(self.image(u.float()), dim=1)

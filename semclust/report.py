@@ -42,7 +42,13 @@ class Phases:
         return {str(r["phase"]): float(r["seconds"]) for r in self.rows}
 
     def table(self) -> str:
+        return self.format(self.rows)
+
+    @staticmethod
+    def format(rows: list[dict]) -> str:
+        """The rows as a small table: phase, seconds, peak RSS at its end; then the total."""
         lines = [f"{'phase':<14}{'seconds':>10}{'peak RSS MiB':>14}"]
-        lines += [f"{r['phase']:<14}{r['seconds']:>10.1f}{r['peak_rss_mb']:>14.0f}" for r in self.rows]
-        lines.append(f"{'total':<14}{sum(self.seconds.values()):>10.1f}{peak_rss_mb():>14.0f}")
+        lines += [f"{r['phase']:<14}{r['seconds']:>10.1f}{r['peak_rss_mb']:>14.0f}" for r in rows]
+        total = sum(float(r["seconds"]) for r in rows)
+        lines.append(f"{'total':<14}{total:>10.1f}{max((r['peak_rss_mb'] for r in rows), default=0):>14.0f}")
         return "\n".join(lines)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import fused_step as fused
 from . import ann, losses, ops
+from . import distributed as dist
 from ._io import atomic_write
 from .config import ChunkConfig, Stage1Config
 from .heads import Heads
@@ -40,24 +41,26 @@ class Stage1Result:
 
 
 def neighbours(z: Tensor, k: int, chunks: ChunkConfig, out: Optional[Tensor] = None, progress: bool = False,
-               desc: str = "knn", cfg: Optional[Stage1Config] = None) -> Tensor:
+               desc: str = "knn", cfg: Optional[Stage1Config] = None, rows: Optional[tuple[int, int]] = None) -> Tensor:
     """[N, k] indices (int32 unless `out` says otherwise) of each row's k nearest other
     rows by cosine, written `chunks.knn_queries` query rows at a time so that only
     [chunk, k] results exist besides `out` (which may be memory-mapped). Exact, unless
-    `cfg.knn_method` is "ivf" (faiss, approximate; see `semclust.ann`)."""
+    `cfg.knn_method` is "ivf" (faiss, approximate; see `semclust.ann`). `rows` = (lo, hi)
+    answers only those queries (one rank's share), against all N rows."""
     n = z.shape[0]
     out = torch.empty((n, k), dtype=torch.int32) if out is None else out
     if tuple(out.shape) != (n, k):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {(n, k)}")
     if cfg is not None and cfg.knn_method == "ivf":
         return ann.ivf_neighbours(z, k, out, cfg.knn_nlist, cfg.knn_nprobe, chunk=chunks.knn_database,
-                                  progress=progress, desc=f"{desc} (ivf)")
+                                  progress=progress, desc=f"{desc} (ivf)", rows=rows)
     if cfg is not None and cfg.knn_method != "exact":
         raise ValueError(f"knn_method must be 'exact' or 'ivf', got {cfg.knn_method!r}")
     step = chunks.knn_queries
-    with tqdm(total=n, desc=desc, unit="query", unit_scale=True, disable=not progress, leave=False) as bar:
-        for s in range(0, n, step):
-            q = z[s : s + step]
+    lo, hi = rows or (0, n)
+    with tqdm(total=hi - lo, desc=desc, unit="query", unit_scale=True, disable=not progress, leave=False) as bar:
+        for s in range(lo, hi, step):
+            q = z[s : min(s + step, hi)]
             # k + 1 with the row itself, then drop it: the same lists as exclude_self,
             # for a query chunk at any offset into the database
             idx = ops.knn(z, k + 1, queries=q, exclude_self=False, query_chunk=step, database_chunk=chunks.knn_database)[1]
@@ -153,13 +156,23 @@ def train_stage1(
     ni = image_neighbours if image_neighbours is not None else neighbours(u, kk, chunks, cfg=cfg)
     nt = text_neighbours if text_neighbours is not None else neighbours(v, kk, chunks, cfg=cfg)
     heads = Heads(d, k, cfg.hidden).to(device)
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist.is_distributed() else (0, 1)
+    model: torch.nn.Module = heads
+    if world > 1:
+        # data-parallel: each rank takes its slice of every global batch; the batch-level
+        # losses see the whole batch (gathered) and BatchNorm its global statistics, so
+        # the step is the single-process step up to summation order
+        if min(cfg.batch_size, n) < 2 * world:
+            raise ValueError(f"batch_size {min(cfg.batch_size, n)} is too small for {world} ranks (needs >= {2 * world})")
+        dist.use_global_batchnorm(heads)
+        model = torch.nn.parallel.DistributedDataParallel(heads, broadcast_buffers=False)
     opt = torch.optim.Adam(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = losses.BalanceState.uniform(k, cfg.balance_momentum, cfg.balance_power, device) if cfg.balance == "dynamic" else None
     w_bal = cfg.w_balance if cfg.balance == "dynamic" else cfg.balance_fixed_weight
     centers: Optional[Tensor] = None
     history = []
     # the ext backend computes the whole loss and its logit gradients in one fused call
-    use_fused = fused.active(device)
+    use_fused = fused.active(device) and world == 1
     run_id = _run_signature(u, k, seed, cfg)
     start = 0
     if checkpoint is not None and resume and Path(checkpoint).exists():
@@ -181,10 +194,12 @@ def train_stage1(
         heads.train()
         t0, sums, steps = time.perf_counter(), {}, 0
         plan = _epoch_plan(ni, nt, n, cfg.batch_size, g)
-        for idx, ub, un, vb, vn in prefetch(_gather(u, v, plan, device)):
+        sizes = [[hi - lo for lo, hi in (dist.shard_range(p[0].numel(), r, world) for r in range(world))] for p in plan]
+        if world > 1:
+            plan = [tuple(t[slice(*dist.shard_range(p[0].numel(), rank, world))] for t in p) for p in plan]
+        for step, (idx, ub, un, vb, vn) in enumerate(prefetch(_gather(u, v, plan, device))):
             b = idx.numel()
-            logits_i = heads.image(torch.cat([ub, un]))
-            logits_t = heads.text(torch.cat([vb, vn]))
+            logits_i, logits_t = model(torch.cat([ub, un]), torch.cat([vb, vn]))
             if use_fused:
                 res = fused.fused_step(
                     logits_i, logits_t, ub, vb, centers if cfg.center_target else None,
@@ -197,8 +212,8 @@ def train_stage1(
                 p, q = res.probs_i[:b], res.probs_t[:b]
                 parts, loss = {name: getattr(res, name) for name in fused.PARTS}, res.loss
             else:
-                p, p_n = torch.softmax(logits_i, 1).split(b)
-                q, q_n = torch.softmax(logits_t, 1).split(b)
+                p, p_n, q, q_n, ub, vb = (dist.gather_batch(t, sizes[step]) for t in (
+                    *torch.softmax(logits_i, 1).split(b), *torch.softmax(logits_t, 1).split(b), ub, vb))
                 parts = {
                     "instance": losses.instance_loss(p, q, p_n, q_n),
                     "assignment": losses.assignment_loss(p, q, p_n, q_n, cfg.cluster_tau),
@@ -224,12 +239,15 @@ def train_stage1(
         row = {"epoch": epoch, **{k_: s / steps for k_, s in sums.items()}, "seconds": time.perf_counter() - t0}
         history.append(row)
         bar.set_postfix(epoch=epoch, loss=f"{row['total']:.3f}")
-        if checkpoint is not None:
+        if checkpoint is not None and rank == 0:
             payload = {"run": run_id, "epoch": epoch, "heads": heads.state_dict(), "opt": opt.state_dict(),
                        "rng": g.get_state(), "centers": centers, "history": history,
                        "shares": state.shares if state is not None else None}
             atomic_write(Path(checkpoint), lambda f: torch.save(payload, f))
+        dist.barrier()  # every rank sees the checkpoint of this epoch before going on
     bar.close()
     heads.eval()
-    labels, conf = heads.predict(u, v if cfg.predict_with == "both" else None, chunk_size=chunks.assign)
+    lo, hi = dist.shard_range(n, rank, world)
+    labels, conf = heads.predict(u[lo:hi], v[lo:hi] if cfg.predict_with == "both" else None, chunk_size=chunks.assign)
+    labels, conf = dist.all_gather_rows(labels), dist.all_gather_rows(conf)
     return Stage1Result(heads, labels, conf, history)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import distributed as dist
 from ._io import TMP_PREFIX, atomic_write
 
 log = logging.getLogger(__name__)
@@ -59,15 +60,24 @@ class Workspace:
         self._memory: dict[str, Tensor] = {}
         if self.root is None:
             return
+        if dist.is_distributed():
+            # rank 0 sets the directory up; the others wait and then read what it wrote
+            if torch.distributed.get_rank() == 0:
+                self._open(run, fresh)
+            dist.barrier()
+            if self._state().get("run") != run:
+                raise ValueError(f"{self.root} was set up for another run by rank 0: is it on storage every rank shares?")
+            return
+        self._open(run, fresh)
+
+    def _open(self, run: str, fresh: bool) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         state = self._state()
-        if state and state.get("run") != run:
-            if not fresh:
-                raise ValueError(
-                    f"cannot resume: {self.root} holds the working files of another run (other data, K, seed or "
-                    "settings); delete it or start without resume")
-            state = None
-        if fresh or state is None:
+        if state and state.get("run") != run and not fresh:
+            raise ValueError(
+                f"cannot resume: {self.root} holds the working files of another run (other data, K, seed or "
+                "settings); delete it or start without resume")
+        if fresh or state is None or state.get("run") != run:
             for name in (state or {}).get("arrays", {}):
                 (self.root / f"{name}.npy").unlink(missing_ok=True)
             self._write_state({"format": FORMAT, "run": run, "arrays": {}})
@@ -109,23 +119,33 @@ class Workspace:
         return as_tensor(arr)
 
     def fill(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
-             produce: Callable[[Tensor], None]) -> Tensor:
-        """Allocate `name`, let `produce(out)` write every row of it, then publish it.
+             produce: Callable[[Tensor, int, int], None]) -> Tensor:
+        """Allocate `name`, let `produce(out, lo, hi)` write rows [lo, hi) of it, publish it.
 
-        On disk the array is a memory map under a temporary name until `produce` returns,
-        so a kill leaves no half-written array that a resume could take for finished.
+        In one process lo, hi = 0, N. Under torch.distributed every rank writes its
+        `shard_range` of the rows into the same file (the workspace must be on storage
+        all ranks share). On disk the array is a memory map under a temporary name until
+        every row is written, so a kill leaves no half-written array that a resume could
+        take for finished.
         """
+        n = shape[0]
         if self.root is None:
+            if dist.is_distributed():
+                raise ValueError("a distributed fit needs a working directory every rank shares: pass checkpoint_dir")
             out = torch.empty(shape, dtype=dtype)
-            produce(out)
+            produce(out, 0, n)
             self._memory[name] = out
             return out
+        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist.is_distributed() else (0, 1)
         np_dtype = torch.empty((), dtype=dtype).numpy().dtype
         final = self.root / f"{name}.npy"
         tmp = self.root / f"{TMP_PREFIX}{name}.npy"
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype, shape=shape)
+        if rank == 0:
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype, shape=shape).flush()
+        dist.barrier()
+        arr = np.load(tmp, mmap_mode="r+")
         try:
-            produce(torch.from_numpy(arr))
+            produce(torch.from_numpy(arr), *dist.shard_range(n, rank, world))
             arr.flush()
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
@@ -134,9 +154,12 @@ class Workspace:
             raise
         finally:
             del arr
-        os.replace(tmp, final)
-        state = self._state()
-        state["arrays"][name] = {"shape": list(shape), "dtype": str(np_dtype)}
-        self._write_state(state)
-        log.info("workspace: wrote %s %s", final, shape)
+        dist.barrier()
+        if rank == 0:
+            os.replace(tmp, final)
+            state = self._state()
+            state["arrays"][name] = {"shape": list(shape), "dtype": str(np_dtype)}
+            self._write_state(state)
+            log.info("workspace: wrote %s %s", final, shape)
+        dist.barrier()
         return self.get(name)

@@ -317,11 +317,6 @@ def test_error_labels_of_the_wrong_length(store_run, tmp_path, capsys):
     assert_one_line_error(rc, err, "evaluate", "does not exist")
 
 
-def test_error_bench_scale_not_implemented(capsys):
-    rc, _, err = run(capsys, "bench", "scale")
-    assert_one_line_error(rc, err, "bench", "not implemented yet")
-
-
 def test_error_run_directory_that_is_not_a_model(workdir, store, tmp_path, capsys):
     rc, _, err = run(capsys, "predict", workdir / "images", store[0], "--out", tmp_path / "pred.npy")
     assert_one_line_error(rc, err, "predict", "is not a semclust model directory")

@@ -211,3 +211,72 @@ def test_rejects_bad_input():
         ops.kmeans(x[None], 2)
     with pytest.raises(TypeError, match="k must be an int"):
         ops.kmeans(x, 2.0)
+
+
+# --- k-means++ on a sample of the rows --------------------------------------------
+
+
+def _spy_init(monkeypatch):
+    """Record the pool each k-means++ seeding is given."""
+    pools = []
+    real = kmeans_module.kmeans_pp_init
+
+    def init(pool, *a, **kw):
+        pools.append(pool.clone())
+        return real(pool, *a, **kw)
+
+    monkeypatch.setattr(kmeans_module, "kmeans_pp_init", init)
+    return pools
+
+
+def _is_subset_of_rows(pool, x):
+    """Each pool row is some row of x, and no row of x is taken twice."""
+    match = (pool[:, None, :] == x[None, :, :]).all(2)  # [P, N]
+    first = match.float().argmax(1)
+    return bool(match.any(1).all()) and first.unique().numel() == pool.shape[0]
+
+
+def test_init_sample_smaller_than_n_still_finds_the_blobs(h, monkeypatch):
+    x, y = blobs(600, 8, 4, 0.15, seed=1, orthogonal=True)
+    pools = _spy_init(monkeypatch)
+    r = ops.kmeans(x, 4, iters=30, restarts=2, seed=3, init_sample=50)
+    check_result(h, r, x, 4)
+    # seeding saw 50 distinct rows of x per restart, Lloyd then labelled all 600
+    assert [p.shape for p in pools] == [torch.Size([50, 8])] * 2
+    assert all(_is_subset_of_rows(p, x) for p in pools)
+    assert not torch.equal(pools[0], pools[1]), "each restart should draw its own sample"
+    # the labels are the blob ids up to a permutation: 4 (label, blob) pairs, one per blob
+    pairs = set(zip(r.labels.tolist(), y.tolist()))
+    assert len(pairs) == 4 and {a for a, _ in pairs} == {0, 1, 2, 3}
+
+    again = ops.kmeans(x, 4, iters=30, restarts=2, seed=3, init_sample=50)
+    assert torch.equal(again.labels, r.labels) and torch.equal(again.centers, r.centers)
+    assert float(again.objective) == float(r.objective)
+    assert len(pools) == 4 and all(torch.equal(a, b) for a, b in zip(pools[:2], pools[2:]))
+
+
+def test_init_sample_at_least_n_seeds_from_all_rows(monkeypatch):
+    x, _ = blobs(60, 8, 4, 0.15, orthogonal=True)
+    pools = _spy_init(monkeypatch)
+    ops.kmeans(x, 4, iters=5, restarts=1, seed=0, init_sample=60)
+    ops.kmeans(x, 4, iters=5, restarts=1, seed=0, init_sample=1000)
+    assert len(pools) == 2 and all(torch.equal(p, x) for p in pools)
+
+
+def test_init_sample_depends_on_seed(monkeypatch):
+    x, _ = blobs(600, 8, 4, 0.15, seed=1, orthogonal=True)
+    pools = _spy_init(monkeypatch)
+    ops.kmeans(x, 4, iters=2, restarts=1, seed=0, init_sample=50)
+    ops.kmeans(x, 4, iters=2, restarts=1, seed=1, init_sample=50)
+    assert not torch.equal(pools[0], pools[1])
+
+
+def test_init_sample_below_k_is_rejected():
+    x, _ = blobs(100, 8, 4, 0.15)
+    with pytest.raises(ValueError, match="init_sample"):
+        ops.kmeans(x, 4, init_sample=3)
+    with pytest.raises(ValueError, match="init_sample"):
+        ops.kmeans(x, 4, init_sample=0)
+    # exactly k rows to seed from is enough
+    r = ops.kmeans(x, 4, iters=5, restarts=1, init_sample=4)
+    assert r.labels.shape == (100,)

@@ -1,0 +1,126 @@
+"""stage1.neighbours: chunked kNN lists written into `out`, the same lists as ops.knn
+with exclude_self whatever the chunk sizes."""
+
+import pytest
+import torch
+
+from semclust import ops, stage1
+from semclust.config import ChunkConfig
+
+
+def _rows(n, d, seed=0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def _expected(z, k):
+    return ops.knn(z, k, exclude_self=True)[1]
+
+
+def _naive(z, k):
+    """Brute force in float64: the k most similar other rows, ties to the lower index."""
+    z = z.double()
+    sim = z @ z.T
+    sim.fill_diagonal_(float("-inf"))
+    return torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :k]
+
+
+def _ks(n):
+    return sorted({1, n - 1, min(5, n - 1)})
+
+
+CASES = [(n, d, k) for n in (2, 7, 33, 130) for d in (3, 16) for k in _ks(n)]
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend():
+    with ops.use_backend("torch"):
+        yield
+
+
+@pytest.mark.parametrize("n,d,k", CASES)
+def test_same_as_knn_for_any_chunking(n, d, k):
+    z = torch.nn.functional.normalize(_rows(n, d, seed=n * 31 + d), dim=1)
+    want = _expected(z, k)
+    # the op itself agrees with a brute force (random rows: no near-ties at this scale)
+    assert torch.equal(want, _naive(z, k))
+    # chunk sizes below N that do not divide it, single rows, and one chunk for all
+    chunkings = [(1, n), (n, 1), (2, 3), (3, 4), (5, 7), (7, 5), (n, n), (n + 4, n + 4)]
+    if n <= 33:
+        chunkings.append((1, 1))
+    for q, b in chunkings:
+        got = stage1.neighbours(z, k, ChunkConfig(knn_queries=q, knn_database=b))
+        assert got.shape == (n, k) and got.dtype == torch.int32, (q, b)
+        assert torch.equal(got.long(), want), (n, d, k, q, b)
+
+
+def test_default_chunks_and_unnormalised_rows():
+    """Inner products, not cosines, of raw rows: the row itself need not be its own best
+    match (row 7 = 3 x row 2 beats row 2 for row 2), and the lists still match
+    knn(exclude_self)."""
+    z = _rows(40, 5, seed=3) * torch.linspace(0.1, 10, 40)[:, None]
+    z[7] = 3 * z[2]
+    want = _expected(z, 6)
+    got = stage1.neighbours(z, 6, ChunkConfig(knn_queries=6, knn_database=9))
+    assert torch.equal(got.long(), want)
+    assert torch.equal(stage1.neighbours(z, 6, ChunkConfig()).long(), want)
+    assert bool((got != torch.arange(40, dtype=torch.int32)[:, None]).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_writes_into_out(dtype):
+    z = torch.nn.functional.normalize(_rows(33, 8, seed=1), dim=1)
+    out = torch.full((33, 4), -1, dtype=dtype)
+    res = stage1.neighbours(z, 4, ChunkConfig(knn_queries=5, knn_database=6), out=out)
+    assert res is out and res.dtype == dtype
+    assert torch.equal(out.long(), _expected(z, 4))
+
+
+def test_writes_into_a_view():
+    """`out` may be a non-contiguous view of a bigger array (like a column block)."""
+    z = torch.nn.functional.normalize(_rows(20, 4, seed=2), dim=1)
+    big = torch.full((20, 7), -5, dtype=torch.int64)
+    stage1.neighbours(z, 3, ChunkConfig(knn_queries=3, knn_database=4), out=big[:, 2:5])
+    assert torch.equal(big[:, 2:5], _expected(z, 3))
+    assert bool((big[:, :2] == -5).all()) and bool((big[:, 5:] == -5).all())
+
+
+@pytest.mark.parametrize("shape", [(20, 4), (19, 3), (21, 3), (20,), (3, 20)])
+def test_wrong_out_shape(shape):
+    z = _rows(20, 4)
+    out = torch.zeros(shape, dtype=torch.int32)
+    with pytest.raises(ValueError, match="out has shape"):
+        stage1.neighbours(z, 3, ChunkConfig(knn_queries=7), out=out)
+    assert bool((out == 0).all())
+
+
+@pytest.mark.parametrize("q,b", [(1, 1), (2, 3), (4, 5), (7, 100), (100, 2)])
+def test_exact_ties_go_to_the_lower_index(q, b):
+    """Duplicated rows score exactly the same: the row itself is dropped and ties keep the
+    lower index, as in knn(exclude_self), even when the row is not among its top k + 1.
+
+    Small integer entries make every inner product exact in float32, whatever order a
+    matrix product sums in (duplicated random unit rows can score 1 ulp apart depending
+    on where they fall in a BLAS tile, which is no tie at all)."""
+    base = torch.randint(-3, 4, (4, 6), generator=torch.Generator().manual_seed(4)).float()
+    base[0] = torch.tensor([3.0, -3, 3, 3, -3, 3])  # the longest row: each copy's best are the copies
+    z = base[torch.tensor([0, 1, 0, 2, 0, 0, 3, 1, 0, 2, 1, 0, 3])]  # six copies of row 0
+    n = z.shape[0]
+    for k in (1, 2, 3, 4, 6, n - 1):
+        want = _expected(z, k)
+        assert torch.equal(want, _naive(z, k)), k
+        got = stage1.neighbours(z, k, ChunkConfig(knn_queries=q, knn_database=b))
+        assert torch.equal(got.long(), want), (k, q, b)
+    # e.g. the last copy of row 0 (index 11) has the four lowest other copies as its top 4
+    assert stage1.neighbours(z, 4, ChunkConfig(knn_queries=q, knn_database=b))[11].tolist() == [0, 2, 4, 5]
+    assert stage1.neighbours(z, 4, ChunkConfig(knn_queries=q, knn_database=b))[0].tolist() == [2, 4, 5, 8]
+
+
+@pytest.mark.parametrize("n,k", [(7, 6), (33, 5), (130, 1)])
+def test_float16_input(n, k):
+    z = torch.nn.functional.normalize(_rows(n, 16, seed=n), dim=1).half()
+    want = _expected(z, k)
+    for q, b in ((1, n), (n, 1), (4, 7), (n, n)):
+        got = stage1.neighbours(z, k, ChunkConfig(knn_queries=q, knn_database=b))
+        assert got.dtype == torch.int32
+        assert torch.equal(got.long(), want), (q, b)
+    assert bool((got != torch.arange(n, dtype=torch.int32)[:, None]).all())
