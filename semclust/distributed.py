@@ -285,7 +285,7 @@ def kmeans(
     iters: int = 100,
     restarts: int = 3,
     seed: int = 0,
-    sample: int = 65536,
+    sample: int = 32768,
     global_offset: Optional[int] = None,
     tol: float = 1e-6,
     chunk_size: int = 65536,

@@ -13,7 +13,15 @@ import torch
 
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB (memory-mapped pages it
-    touched count too, as the OS counts them)."""
+    touched count too, as the OS counts them). Linux: VmHWM, this program's own peak
+    (getrusage's maximum would include the parent's resident set at fork)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 

@@ -57,7 +57,7 @@ def kmeans(
     init: str = "k-means++",
     tol: float = 1e-6,
     chunk_size: int = 65536,
-    init_sample: int = 65536,
+    init_sample: int = 32768,
 ) -> KMeansResult:
     """Spherical k-means (cosine), seeded, best of `restarts` by objective.
 
@@ -93,7 +93,8 @@ def kmeans(
             pool = xf
             if xf.shape[0] > init_sample:
                 pool = xf[torch.randperm(xf.shape[0], generator=gen, device=x.device)[:init_sample].sort().values]
-            centers = kmeans_pp_init(pool, k, gen, chunk_size)
+            # seeding makes k passes over its pool: convert it once (<= init_sample rows)
+            centers = kmeans_pp_init(pool.float(), k, gen, chunk_size)
         else:
             centers = xf[torch.randperm(xf.shape[0], generator=gen, device=x.device)[:k]].float()
         prev_obj = float("inf")
