@@ -1,4 +1,5 @@
-"""Crash-safe file writes: a reader sees the old file or the new one, never half of one."""
+"""Crash-safe file writes (a reader sees the old file or the new one, never half of one)
+and the safe loading of training checkpoints."""
 
 from __future__ import annotations
 
@@ -55,3 +56,18 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     """safetensors file written atomically (safetensors loads without executing code)."""
     blob = safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
     atomic_write(Path(path), lambda f: f.write(blob))
+
+
+def load_checkpoint(path: Path, run_id: str, what: str, same: str) -> dict:
+    """A training checkpoint written by `torch.save` of a dict with key "run", loaded
+    safely (`weights_only=True`); ValueError when it is unreadable or another run's.
+    `what` names it ("stage-1 checkpoint"), `same` says what a run is ("data, K, seed")."""
+
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable file is reported the same way, with its cause
+        raise ValueError(f"cannot resume: {path} is not a readable {what} ({type(e).__name__}: {e})") from None
+    if not isinstance(ck, dict) or ck.get("run") != run_id:
+        raise ValueError(f"cannot resume: {path} was written by another run (other {same}); "
+                         "delete it or start without resume")
+    return ck

@@ -229,6 +229,8 @@ class SemanticClusterer:
             raise NotImplementedError("stage 2 does not run under torch.distributed yet: fit with stage=1 "
                                       "(the heads train data-parallel), then stage 2 in one process")
         inputs = _as_inputs(X)
+        if is_distributed() and inputs.source is not None:
+            raise ValueError("a distributed fit reads embeddings: run `semclust embed` first and fit the store")
         if inputs.store is not None and self.checkpoint_dir is None:
             with tempfile.TemporaryDirectory(prefix=".semclust-fit-", dir=inputs.store.path.parent) as tmp:
                 return self._fit(inputs, nouns, Path(tmp))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import logging
 import sys
 import time
@@ -244,7 +245,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("images", help="image folder")
     e.add_argument("--out", required=True, help="store directory")
     e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--workers", type=int, default=0, help="DataLoader worker processes decoding images")
+    e.add_argument("--workers", type=int, default=min(4, max(1, (os.cpu_count() or 2) - 1)),
+                   help="worker processes decoding images while the model encodes (default: min(4, cores - 1); 0: none)")
     e.add_argument("--shard-rows", type=int, default=65536, help="rows per shard file (a killed run resumes at the last whole shard)")
     common(e, clip=True)
     e.set_defaults(fn=cmd_embed)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import fused_step as fused
 from . import ann, losses, ops
 from . import distributed as dist
-from ._io import atomic_write
+from ._io import atomic_write, load_checkpoint
 from .config import ChunkConfig, Stage1Config
 from .heads import Heads
 from .prefetch import prefetch
@@ -80,14 +80,7 @@ def _run_signature(u: Tensor, k: int, seed: int, cfg: Stage1Config) -> str:
 
 
 def _load_checkpoint(path: Path, run_id: str) -> dict:
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unreadable file is reported the same way, with its cause
-        raise ValueError(f"cannot resume: {path} is not a readable stage-1 checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ck, dict) or ck.get("run") != run_id:
-        raise ValueError(f"cannot resume: {path} was written by another run (other data, K, seed or settings); "
-                         "delete it or start without resume")
-    return ck
+    return load_checkpoint(path, run_id, "stage-1 checkpoint", "data, K, seed or settings")
 
 
 def _batches(n: int, size: int, g: torch.Generator) -> list[Tensor]:

@@ -39,7 +39,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ._io import atomic_write
+from ._io import atomic_write, load_checkpoint
 from .config import Stage2Config
 from .data import collate_skip
 from .heads import ClusterHead, ResidualAdapter
@@ -184,14 +184,7 @@ def _run_signature(stage1_labels: Tensor, stage1_conf: Tensor, k: int, seed: int
 
 
 def _load_checkpoint(path: Path, run_id: str) -> dict:
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unreadable file is reported the same way, with its cause
-        raise ValueError(f"cannot resume: {path} is not a readable stage-2 checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ck, dict) or ck.get("run") != run_id:
-        raise ValueError(f"cannot resume: {path} was written by another run (other stage-1 labels, K, seed, mode "
-                         "or settings); delete it or start without resume")
-    return ck
+    return load_checkpoint(path, run_id, "stage-2 checkpoint", "stage-1 labels, K, seed, mode or settings")
 
 
 def train_stage2(
