@@ -225,9 +225,6 @@ class SemanticClusterer:
         not N; with `resume=True` finished phases are reused.
         """
         self._check_params()
-        if self.stage == 2 and is_distributed():
-            raise NotImplementedError("stage 2 does not run under torch.distributed yet: fit with stage=1 "
-                                      "(the heads train data-parallel), then stage 2 in one process")
         inputs = _as_inputs(X)
         if is_distributed() and inputs.source is not None:
             raise ValueError("a distributed fit reads embeddings: run `semclust embed` first and fit the store")

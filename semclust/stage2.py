@@ -39,6 +39,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from ._io import atomic_write, load_checkpoint
 from .config import Stage2Config
 from .data import collate_skip
@@ -150,7 +151,11 @@ def _predict(
     head.eval()
     labels = torch.zeros(len(source), dtype=torch.long)
     conf = torch.zeros(len(source))
-    loader = DataLoader(source, batch_size=cfg.batch_size * 4, shuffle=False, num_workers=cfg.num_workers, collate_fn=collate_skip)
+    # under torch.distributed each rank predicts its share of the rows; the sums below
+    # (other ranks' rows are zero here) make every rank's arrays whole
+    rank, world = _rank_world()
+    mine = Subset(source, range(*dist.shard_range(len(source), rank, world))) if world > 1 else source
+    loader = DataLoader(mine, batch_size=cfg.batch_size * 4, shuffle=False, num_workers=cfg.num_workers, collate_fn=collate_skip)
     sums: Optional[Tensor] = None
     for batch, kept, _skipped in tqdm(loader, desc=desc, disable=not progress, leave=False):
         if batch is None:
@@ -162,11 +167,13 @@ def _predict(
             if sums is None:
                 sums = torch.zeros(centers_k, z.shape[1], dtype=torch.float32, device=z.device)
             sums.index_add_(0, l.to(z.device), z.float())
+    if world > 1:
+        labels, conf = dist.all_reduce_sum(labels), dist.all_reduce_sum(conf)
     if centers_k is None:
         return labels, conf, None
     if sums is None:  # every item was skipped: no feature, no centre
         sums = torch.zeros(centers_k, head.dim, dtype=torch.float32)
-    return labels, conf, F.normalize(sums, dim=1).cpu()
+    return labels, conf, F.normalize(dist.all_reduce_sum(sums), dim=1).cpu()
 
 
 def _run_signature(stage1_labels: Tensor, stage1_conf: Tensor, k: int, seed: int, mode: str, cfg: Stage2Config,
@@ -185,6 +192,33 @@ def _run_signature(stage1_labels: Tensor, stage1_conf: Tensor, k: int, seed: int
 
 def _load_checkpoint(path: Path, run_id: str) -> dict:
     return load_checkpoint(path, run_id, "stage-2 checkpoint", "stage-1 labels, K, seed, mode or settings")
+
+
+def _rank_world() -> tuple[int, int]:
+    return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist.is_distributed() else (0, 1)
+
+
+class _Tuned(nn.Module):
+    """encoder features -> head logits as one module, so DDP sees one forward per step."""
+
+    def __init__(self, encoder: nn.Module, head: ClusterHead) -> None:
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder.image_features(x))
+
+
+def _rank_batches(order: Tensor, batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's slice of each global batch of `order`. With several ranks a last batch
+    that would leave a rank fewer than 2 rows (BatchNorm) is dropped on every rank alike,
+    so all ranks take the same number of steps (DDP's collectives pair them up)."""
+    out = []
+    for b in order.split(batch_size):
+        if world > 1 and b.numel() < 2 * world:
+            continue
+        out.append(b[slice(*dist.shard_range(b.numel(), rank, world))].tolist())
+    return out
 
 
 def train_stage2(
@@ -219,6 +253,17 @@ def train_stage2(
     """
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
+    rank, world = _rank_world()
+    model: Optional[nn.Module] = None
+    if world > 1:
+        # data-parallel: each rank takes its slice of every global batch (the weighted
+        # loss is normalised by the global weight sum, BatchNorm uses global statistics);
+        # the augmentation noise is drawn per rank, so P ranks equal one process in law,
+        # not bit for bit
+        if mode != "adapter" or not isinstance(encoder, nn.Module):
+            raise ValueError("stage 2 runs data-parallel in adapter mode (embeddings) only")
+        dist.use_global_batchnorm(head)
+        model = torch.nn.parallel.DistributedDataParallel(_Tuned(encoder, head), broadcast_buffers=False)
     tuned = encoder.tail_parameters(cfg.finetune_blocks)
     params = [
         {"params": tuned, "lr": cfg.lr if mode == "encoder" else cfg.adapter_lr},
@@ -254,23 +299,24 @@ def train_stage2(
         order = sel[torch.randperm(sel.numel(), generator=g)]
         weight_of = torch.zeros(len(source))
         weight_of[sel] = w
-        loader = DataLoader(Subset(source, order.tolist()), batch_size=cfg.batch_size, shuffle=False,
+        loader = DataLoader(source, batch_sampler=_rank_batches(order, cfg.batch_size, rank, world),
                             num_workers=cfg.num_workers, collate_fn=collate_skip)
         head.train()
         total, steps = 0.0, 0
         for batch, kept, _skipped in loader:
-            if batch is None or batch.shape[0] < 2:
+            if world == 1 and (batch is None or batch.shape[0] < 2):
                 continue
-            ids = kept  # items carry their source index through the Subset
+            ids = kept  # items carry their source index
             strong = batch[:, 1]
-            logits = head(encoder.image_features(strong))
+            logits = model(strong) if model is not None else head(encoder.image_features(strong))
             ce = F.cross_entropy(logits, labels[ids].to(logits.device), reduction="none")
             wb = weight_of[ids].to(logits.device)
-            loss = (wb * ce).sum() / wb.sum().clamp_min(1e-12)
+            # each rank's share of the batch loss; DDP averages, hence the factor world
+            loss = (wb * ce).sum() / dist.all_reduce_sum(wb.sum().detach()).clamp_min(1e-12) * world
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss.detach())
+            total += float(dist.all_reduce_sum(loss.detach().clone())) / world
             steps += 1
         cur_labels, cur_conf, _ = _predict(encoder, head, source, cfg, False, "refresh")
         # anchor on stage 1: agreeing samples keep the mean confidence, disagreeing ones
@@ -281,10 +327,11 @@ def train_stage2(
         history.append({"epoch": epoch, "loss": total / max(steps, 1), "selected": int(sel.numel()),
                         "changed": int((labels != s1_labels).sum()), "seconds": time.perf_counter() - t0})
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
-        if checkpoint is not None:
+        if checkpoint is not None and rank == 0:
             payload = {"run": run_id, "epoch": epoch, "tuned": [p.detach() for p in tuned],
                        "head": head.state_dict(), "opt": opt.state_dict(), "rng": g.get_state(),
                        "torch_rng": torch.get_rng_state(), "labels": labels, "conf": conf, "history": history}
             atomic_write(Path(checkpoint), lambda f: torch.save(payload, f))
+        dist.barrier()
     final_labels, final_conf, centers = _predict(encoder, head, source, cfg, progress, "stage 2 predict", centers_k=k)
     return Stage2Result(head, encoder, mode, final_labels, final_conf, centers, history)

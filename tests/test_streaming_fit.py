@@ -146,8 +146,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cli_fit(store: Path, out: Path, nouns: Path, config: Path, world: int) -> subprocess.CompletedProcess:
-    args = ["-m", "semclust", "fit", str(store), "-k", str(K), "--out", str(out), "--stage", "1",
+def _cli_fit(store: Path, out: Path, nouns: Path, config: Path, world: int, stage: int = 1) -> subprocess.CompletedProcess:
+    args = ["-m", "semclust", "fit", str(store), "-k", str(K), "--out", str(out), "--stage", str(stage),
             "--nouns", str(nouns), "--config", str(config), "--no-progress"]
     if world > 1:
         args = ["-m", "torch.distributed.run", f"--nproc-per-node={world}", f"--master-port={_free_port()}", *args]
@@ -180,3 +180,23 @@ def test_torchrun_two_ranks_match_one_process(store, tmp_path):
     h2 = json.loads((runs[2] / "semclust.json").read_text())["history"]["stage1"]
     for a, b in zip(h1, h2):
         assert a["total"] == pytest.approx(b["total"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_torchrun_stage2_two_ranks_agree_with_one_process(store, tmp_path):
+    """Stage 2 (adapter) data-parallel: the same stage-1 start, batches split over the
+    ranks, global BatchNorm and loss normalisation. Its augmentation noise is drawn per
+    rank, so the comparison is statistical: labels agree on nearly every row."""
+    _, t = _data()
+    np.save(tmp_path / "nouns.npy", t.numpy())
+    cfg = {k: v for k, v in _config().to_dict().items() if k != "chunks"}
+    cfg["stage2"] = {"epochs": 2, "batch_size": 64}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    labels = {}
+    for world in (1, 2):
+        out = tmp_path / f"run{world}"
+        res = _cli_fit(store, out, tmp_path / "nouns.npy", tmp_path / "cfg.json", world, stage=2)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert json.loads((out / "semclust.json").read_text())["mode"] == "adapter"
+        labels[world] = np.load(out / "labels.npy")
+    assert (labels[1] == labels[2]).mean() >= 0.95, (labels[1] != labels[2]).sum()
