@@ -51,6 +51,21 @@ def as_tensor(a: np.ndarray) -> Tensor:
     return torch.from_numpy(a)
 
 
+def _reserve(path: Path) -> None:
+    """Give the (sparse) file all its blocks now: a full disk is an OSError here, not a
+    SIGBUS later when a write through the memory map finds no block."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    size = path.stat().st_size
+    try:
+        with open(path, "rb+") as f:
+            os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as e:
+        path.unlink(missing_ok=True)
+        raise OSError(e.errno, f"cannot reserve {size / 2**20:.0f} MiB for {path.name} in {path.parent}: "
+                               f"{e.strerror}; free space or choose another checkpoint_dir") from None
+
+
 class Workspace:
     """Per-row arrays of one fit run, in memory (``root=None``) or memory-mapped files."""
 
@@ -142,6 +157,7 @@ class Workspace:
         tmp = self.root / f"{TMP_PREFIX}{name}.npy"
         if rank == 0:
             np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype, shape=shape).flush()
+            _reserve(tmp)
         dist.barrier()
         arr = np.load(tmp, mmap_mode="r+")
         try:

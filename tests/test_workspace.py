@@ -243,3 +243,24 @@ def test_as_tensor_of_plain_array_is_zero_copy():
     t = as_tensor(a)
     a[1, 1] = 99
     assert int(t[1, 1]) == 99
+
+
+def test_full_disk_is_a_clear_error_before_any_row_is_written(tmp_path, monkeypatch):
+    """The array file is reserved up front (posix_fallocate), so a full disk raises an
+    OSError naming the file and the remedy, and leaves no temporary file or record."""
+    import errno
+    import os
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    root = tmp_path / "ws"
+    ws = Workspace(root, "run-a")
+    called = []
+    with pytest.raises(OSError, match="No space left on device.*checkpoint_dir") as info:
+        ws.fill("x", (100, 4), torch.float32, lambda o, lo, hi: called.append(1))
+    assert info.value.errno == errno.ENOSPC
+    assert not called  # nothing was computed into a file that could not hold it
+    assert ws.get("x") is None
+    assert sorted(p.name for p in root.iterdir()) == ["workspace.json"]
