@@ -270,7 +270,8 @@ class SemanticClusterer:
         bank_all = bank_all.to(device)
 
         with phases("kmeans"):
-            space = counterparts.select_nouns(u, bank_all, k, cfg.semantic, seed=self.seed, chunks=cfg.chunks)
+            space = counterparts.select_nouns(u, bank_all, k, cfg.semantic, seed=self.seed, chunks=cfg.chunks,
+                                              progress=self.progress)
             bank = space.bank(bank_all)
         with phases("counterparts"):
             v = ws.get("counterparts")

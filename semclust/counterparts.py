@@ -38,7 +38,8 @@ class SemanticSpace:
 
 
 def select_nouns(
-    u: Tensor, nouns: Tensor, k: int, cfg: SemanticSpaceConfig, seed: int = 0, chunks: ChunkConfig = ChunkConfig()
+    u: Tensor, nouns: Tensor, k: int, cfg: SemanticSpaceConfig, seed: int = 0, chunks: ChunkConfig = ChunkConfig(),
+    progress: bool = False,
 ) -> SemanticSpace:
     """Choose the nouns near the images' semantic centres. u [N, D], nouns [W, D]."""
     n = u.shape[0]
@@ -49,7 +50,8 @@ def select_nouns(
         km = dist.kmeans(u[lo:hi], m, iters=cfg.kmeans_iters, restarts=cfg.kmeans_restarts, seed=seed,
                          global_offset=lo, chunk_size=chunks.assign)
     else:
-        km = ops.kmeans(u, m, iters=cfg.kmeans_iters, restarts=cfg.kmeans_restarts, seed=seed, chunk_size=chunks.assign)
+        km = ops.kmeans(u, m, iters=cfg.kmeans_iters, restarts=cfg.kmeans_restarts, seed=seed, chunk_size=chunks.assign,
+                        progress=progress)
     votes = ops.assign(nouns, km.centers.to(nouns.dtype), cfg.noun_tau, chunk_size=chunks.assign)
     chosen = []
     for c in range(m):

@@ -4,6 +4,7 @@ import logging
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from . import _validate as V
 from .assign import assign
@@ -58,6 +59,7 @@ def kmeans(
     tol: float = 1e-6,
     chunk_size: int = 65536,
     init_sample: int = 32768,
+    progress: bool = False,
 ) -> KMeansResult:
     """Spherical k-means (cosine), seeded, best of `restarts` by objective.
 
@@ -72,6 +74,7 @@ def kmeans(
         init_sample: k-means++ seeds from at most this many random rows. Greedy seeding
             makes k sequential passes over its rows, which at N = 1M and k = 3000 would
             cost more than the Lloyd steps; Lloyd then runs on all N rows.
+        progress: a tqdm bar over the Lloyd steps of every restart (rows/s as the rate).
     Returns:
         KMeansResult(centers [K, D] float32, labels [N] int64,
         objective = mean_i (1 - cos(x_i, c_label_i)), lower is better).
@@ -88,6 +91,7 @@ def kmeans(
     xf = x if _unit_rows(x, chunk_size) else torch.nn.functional.normalize(x.float(), dim=1)
     gen = torch.Generator(device=x.device).manual_seed(seed)
     best = None
+    bar = tqdm(total=restarts * iters, desc=f"k-means (k={k})", unit="step", disable=not progress, leave=False)
     for r in range(restarts):
         if init == "k-means++":
             pool = xf
@@ -105,6 +109,8 @@ def kmeans(
             # the objective of the new centres needs no pass over x: the centre of S_c
             # (its members' sum) is S_c / |S_c|, so sum_i cos(x_i, c_label_i) = sum_c |S_c|
             obj = float(1.0 - (means.norm(dim=1) * counts.float()).sum() / x.shape[0])
+            bar.update(1)
+            bar.set_postfix(restart=r, objective=f"{obj:.4f}")
             # centres in float32 on the unit sphere whatever the storage dtype of x
             centers = torch.nn.functional.normalize(_reseed_empty(xf, means, labels, counts, chunk_size), dim=1)
             if prev_obj - obj < tol:
@@ -115,4 +121,6 @@ def kmeans(
         log.debug("kmeans restart %d: %d iterations, objective %.6f", r, it + 1, float(obj))
         if best is None or obj < best.objective:
             best = KMeansResult(centers, labels, obj)
+        bar.update((r + 1) * iters - bar.n)  # a restart that converged early skips its remaining steps
+    bar.close()
     return best
