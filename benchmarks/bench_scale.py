@@ -79,7 +79,7 @@ def noun_bank() -> torch.Tensor:
 def run_ours(store: Path, k: int, kmeans_iters: int, restarts: int, epochs: int, knn: str, work: Path) -> dict:
     from semclust import SemanticClusterer
     from semclust.config import Config
-    from semclust.report import peak_rss_mb
+    from semclust.report import Phases
 
     cfg = Config()
     cfg.semantic.kmeans_iters, cfg.semantic.kmeans_restarts = kmeans_iters, restarts
@@ -87,11 +87,10 @@ def run_ours(store: Path, k: int, kmeans_iters: int, restarts: int, epochs: int,
     model = SemanticClusterer(k, clip=None, nouns=noun_bank(), stage=1, config=cfg, device="cpu",
                               checkpoint_dir=work)
     model.fit(str(store))
-    t0 = time.perf_counter()
-    labels = model.predict(str(store))
-    phases = model.history_["phases"] + [{"phase": "predict", "seconds": time.perf_counter() - t0,
-                                          "peak_rss_mb": peak_rss_mb()}]
-    return {"phases": phases, "epoch_seconds": [r["seconds"] for r in model.history_["stage1"]],
+    phases = Phases()
+    with phases("predict"):
+        labels = model.predict(str(store))
+    return {"phases": model.history_["phases"] + phases.rows, "epoch_seconds": [r["seconds"] for r in model.history_["stage1"]],
             "clusters_used": int(np.unique(labels).size), "knn_recall": model.history_.get("knn_recall"),
             "nouns_selected": model.history_["nouns_selected"]}
 
@@ -195,10 +194,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _print(rows: list[dict]) -> None:
-    print(f"\n{'N':>9} {'K':>5} {'phase':<13}{'s':>9} {'peak RSS MiB':>13}")
+    print(f"\n{'N':>9} {'K':>5} {'phase':<13}{'s':>9} {'peak RSS MiB':>13} {'anon MiB':>9}")
     for r in rows:
         for p in r["ours"]["phases"]:
-            print(f"{r['n']:>9} {r['k']:>5} {p['phase']:<13}{p['seconds']:>9.1f} {p['peak_rss_mb']:>13.0f}")
+            print(f"{r['n']:>9} {r['k']:>5} {p['phase']:<13}{p['seconds']:>9.1f} {p['peak_rss_mb']:>13.0f} "
+                  f"{p.get('peak_anon_mb', float('nan')):>9.0f}")
         if "faiss" in r:
             f = r["faiss"]
             print(f"{r['n']:>9} {'':>5} {'faiss kmeans':<13}{f['kmeans_seconds']:>9.1f}\n"

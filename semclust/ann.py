@@ -17,6 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import ops
+from .workspace import release
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ def ivf_neighbours(z: Tensor, k: int, out: Tensor, nlist: int = 0, nprobe: int =
     index.train(np.ascontiguousarray(z[train].float().numpy()))
     for s in range(0, n, chunk):
         index.add(np.ascontiguousarray(z[s : s + chunk].float().numpy()))
+        release(z)
     index.nprobe = nprobe
     lo, hi = rows or (0, n)
     with tqdm(total=hi - lo, desc=desc, unit="query", unit_scale=True, disable=not progress, leave=False) as bar:
@@ -71,6 +73,7 @@ def ivf_neighbours(z: Tensor, k: int, out: Tensor, nlist: int = 0, nprobe: int =
             keep = idx[~first].view(q.shape[0], k)
             keep = torch.where(keep == rows, keep[:, :1], keep)  # leftover fill: repeat the best hit
             out[s : s + q.shape[0]] = keep.to(out.dtype)
+            release(z, out)
             bar.update(q.shape[0])
     return out
 

@@ -35,7 +35,7 @@ from .heads import ClusterHead, Heads
 from .ops.kmeans import _unit_rows
 from .report import Phases
 from .store import EmbeddingStore, is_store, open_store
-from .workspace import Workspace, as_tensor, fingerprint
+from .workspace import Workspace, as_tensor, fingerprint, release
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +273,7 @@ class SemanticClusterer:
             space = counterparts.select_nouns(u, bank_all, k, cfg.semantic, seed=self.seed, chunks=cfg.chunks,
                                               progress=self.progress)
             bank = space.bank(bank_all)
+            release(u)
         with phases("counterparts"):
             v = ws.get("counterparts")
             if v is None:
@@ -294,6 +295,7 @@ class SemanticClusterer:
                                                 database_chunk=cfg.chunks.knn_database)
                           for name, z in (("knn_image", u), ("knn_text", v))}
                 log.info("approximate kNN recall@%d: %s", kk, recall)
+        release(u, v)
         with phases("stage1"):
             ckpt = None if ws.root is None else ws.root / "stage1.ckpt"
             r1 = stage1.train_stage1(u, v, k, cfg.stage1, seed=self.seed, chunks=cfg.chunks, progress=self.progress,
@@ -422,6 +424,7 @@ class SemanticClusterer:
         for u in blocks:
             for s in range(0, u.shape[0], step):
                 uc = torch.nn.functional.normalize(u[s : s + step].to(device).float(), dim=1)
+                release(u)
                 if self.mode_ == "stage1":
                     v = counterparts.text_counterparts(uc, self.noun_bank_, cfg.counterparts, cfg.chunks)
                     yield self.heads_.predict_proba(uc, v if cfg.stage1.predict_with == "both" else None)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from . import distributed as dist
 from . import ops
 from .config import ChunkConfig, CounterpartConfig, SemanticSpaceConfig
+from .workspace import release
 
 log = logging.getLogger(__name__)
 
@@ -85,5 +86,6 @@ def text_counterparts(
         for s in range(lo, hi, step):
             v = ops.retrieve(u[s : min(s + step, hi)].to(b.device).float(), b, cfg.tau, normalize=True, chunk_size=step)
             out[s : s + v.shape[0]] = v.to(device=out.device, dtype=out.dtype)
+            release(u, out)  # a sequential pass: the rows done need not stay resident
             bar.update(v.shape[0])
     return out

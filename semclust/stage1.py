@@ -27,7 +27,7 @@ from ._io import atomic_write, load_checkpoint
 from .config import ChunkConfig, Stage1Config
 from .heads import Heads
 from .prefetch import prefetch
-from .workspace import fingerprint
+from .workspace import fingerprint, release
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ def neighbours(z: Tensor, k: int, chunks: ChunkConfig, out: Optional[Tensor] = N
             own = idx == torch.arange(s, s + q.shape[0], device=idx.device)[:, None]
             own[~own.any(1), -1] = True
             out[s : s + q.shape[0]] = idx[~own].view(q.shape[0], k).to(device=out.device, dtype=out.dtype)
+            release(z, out)  # each query chunk reads every row: let them go before the next
             bar.update(q.shape[0])
     return out
 
@@ -229,6 +230,8 @@ def train_stage1(
                 sums[name] = sums.get(name, 0.0) + float(val.detach())
             steps += 1
             bar.update(1)
+            if steps % 64 == 0:  # random rows of a memory-mapped store: keep the resident set small
+                release(u, v)
         row = {"epoch": epoch, **{k_: s / steps for k_, s in sums.items()}, "seconds": time.perf_counter() - t0}
         history.append(row)
         bar.set_postfix(epoch=epoch, loss=f"{row['total']:.3f}")
