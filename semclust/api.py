@@ -426,8 +426,10 @@ class SemanticClusterer:
                 uc = torch.nn.functional.normalize(u[s : s + step].to(device).float(), dim=1)
                 release(u)
                 if self.mode_ == "stage1":
-                    v = counterparts.text_counterparts(uc, self.noun_bank_, cfg.counterparts, cfg.chunks)
-                    yield self.heads_.predict_proba(uc, v if cfg.stage1.predict_with == "both" else None)
+                    # the text head's input is needed only when both heads predict
+                    v = (counterparts.text_counterparts(uc, self.noun_bank_, cfg.counterparts, cfg.chunks)
+                         if cfg.stage1.predict_with == "both" else None)
+                    yield self.heads_.predict_proba(uc, v)
                 else:
                     z = self.tuned_.image_features(uc) if self.mode_ == "adapter" else uc
                     self.head_.eval()
