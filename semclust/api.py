@@ -371,6 +371,7 @@ class SemanticClusterer:
             for s in range(lo, hi, cfg.chunks.assign):
                 e = min(s + cfg.chunks.assign, hi)
                 out[s:e] = torch.from_numpy(store.rows(s, e))
+                release(out, *(store.shard(i) for i in range(store.shard_count)))
 
         return ws.fill("images", (len(store), store.dim), torch.float16, copy_rows)
 

@@ -61,8 +61,9 @@ def as_tensor(a: np.ndarray) -> Tensor:
     return t
 
 
-def release(*tensors: Tensor) -> None:
-    """Let the OS take back the pages of memory-mapped tensors this process has touched.
+def release(*tensors: Tensor | np.memmap) -> None:
+    """Let the OS take back the pages of memory-mapped tensors (or numpy memory maps)
+    this process has touched.
 
     Pages of a mapped file that were read stay in the process's resident set (and its
     peak RSS) until unmapped, so a pass over a 1M x 512 fp16 store would hold 1 GB
@@ -70,6 +71,10 @@ def release(*tensors: Tensor) -> None:
     again from the page cache. Tensors that are not registered memory maps are ignored.
     """
     for t in tensors:
+        if isinstance(t, np.memmap):
+            if getattr(t, "_mmap", None) is not None:
+                t._mmap.madvise(mmap.MADV_DONTNEED)
+            continue
         if not isinstance(t, Tensor) or t.device.type != "cpu":
             continue
         ptr = t.data_ptr()
