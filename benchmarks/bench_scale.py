@@ -76,7 +76,8 @@ def noun_bank() -> torch.Tensor:
     return torch.nn.functional.normalize(torch.cat([near, far]), dim=1)
 
 
-def run_ours(store: Path, k: int, kmeans_iters: int, restarts: int, epochs: int, knn: str, work: Path) -> dict:
+def run_ours(store: Path, k: int, kmeans_iters: int, restarts: int, epochs: int, knn: str, work: Path,
+             reuse: bool = False) -> dict:
     from semclust import SemanticClusterer
     from semclust.config import Config
     from semclust.report import Phases
@@ -84,8 +85,10 @@ def run_ours(store: Path, k: int, kmeans_iters: int, restarts: int, epochs: int,
     cfg = Config()
     cfg.semantic.kmeans_iters, cfg.semantic.kmeans_restarts = kmeans_iters, restarts
     cfg.stage1.epochs, cfg.stage1.knn_method = epochs, knn
+    if reuse:  # keep the finished counterparts / kNN files, train stage 1 again
+        (work / "stage1.ckpt").unlink(missing_ok=True)
     model = SemanticClusterer(k, clip=None, nouns=noun_bank(), stage=1, config=cfg, device="cpu",
-                              checkpoint_dir=work)
+                              checkpoint_dir=work, resume=reuse)
     model.fit(str(store))
     phases = Phases()
     with phases("predict"):
@@ -147,6 +150,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="stage-1 epochs (default: 40 up to 100k rows, else 2)")
     ap.add_argument("--knn", choices=("exact", "ivf", "auto"), default="auto", help="auto: exact up to 100k rows")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--reuse-work", action="store_true",
+                    help="keep an earlier run's counterparts and kNN files (their phases then take ~0 s) and train again")
     ap.add_argument("--json")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -154,8 +159,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.child:
         kind, store, *rest = a.child
         if kind == "ours":
-            k, iters, restarts, epochs, knn, work = rest
-            print(json.dumps(run_ours(Path(store), int(k), int(iters), int(restarts), int(epochs), knn, Path(work))))
+            k, iters, restarts, epochs, knn, work, reuse = rest
+            print(json.dumps(run_ours(Path(store), int(k), int(iters), int(restarts), int(epochs), knn, Path(work),
+                                      reuse == "1")))
         else:
             m, iters, kk, knn = rest
             print(json.dumps(run_faiss(Path(store), int(m), int(iters), int(kk), knn)))
@@ -176,11 +182,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"N={n}: store ready ({time.perf_counter() - t0:.0f} s)", flush=True)
         for k in ks:
             work = root / f"work-{n}-{k}"
-            if work.exists():
+            if work.exists() and not a.reuse_work:
                 import shutil
 
                 shutil.rmtree(work)
-            ours = _child(["--child", "ours", str(store), str(k), str(iters), str(restarts), str(epochs), knn, str(work)])
+            ours = _child(["--child", "ours", str(store), str(k), str(iters), str(restarts), str(epochs), knn, str(work),
+                           "1" if a.reuse_work else "0"])
             row = {"n": n, "k": k, "kmeans_iters": iters, "restarts": restarts, "epochs": epochs, "knn": knn, "ours": ours}
             if not a.no_peers and k == ks[0]:
                 m = max(k, n // 300)
