@@ -10,9 +10,9 @@ reused for every K; a 20,000-noun bank (half near the latent centres, half rando
 
 Each (N, K) runs `SemanticClusterer(stage=1).fit(store)` in a fresh subprocess, so its
 peak RSS is the run's own: the store is memory-mapped, the workspace (counterparts, kNN
-lists) lives on disk beside it. Reported per phase: seconds and the process's peak RSS at
-the phase's end (memory-mapped pages the process touched count, as the OS counts them),
-then `predict(store)`. Settings that would take hours on a 2-core CPU are lowered and
+lists) lives on disk beside it. Reported per phase, `predict(store)` included: seconds,
+peak RSS (VmHWM reset at the phase's start; memory-mapped pages the process touched
+count, as the OS counts them) and the sampled peak of anonymous memory. Settings that would take hours on a 2-core CPU are lowered and
 printed with the table (`--kmeans-iters`, `--epochs`, `--knn`); the per-iteration and
 per-epoch times let the full defaults be projected.
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -183,8 +184,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for k in ks:
             work = root / f"work-{n}-{k}"
             if work.exists() and not a.reuse_work:
-                import shutil
-
                 shutil.rmtree(work)
             ours = _child(["--child", "ours", str(store), str(k), str(iters), str(restarts), str(epochs), knn, str(work),
                            "1" if a.reuse_work else "0"])

@@ -9,7 +9,6 @@ N x D x 2 bytes, not the float32 copy a flat index would make.
 
 from __future__ import annotations
 
-import logging
 import math
 import numpy as np
 import torch
@@ -18,9 +17,6 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .workspace import release
-
-log = logging.getLogger(__name__)
-
 
 def _faiss():
     try:

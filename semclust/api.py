@@ -32,7 +32,6 @@ from .config import Config
 from .distributed import is_distributed
 from .data import ImageSource, SkipReport, TensorSource, collate_skip, list_images, load_embeddings
 from .heads import ClusterHead, Heads
-from .ops.kmeans import _unit_rows
 from .report import Phases
 from .store import EmbeddingStore, is_store, open_store
 from .workspace import Workspace, as_tensor, fingerprint, release
@@ -259,7 +258,7 @@ class SemanticClusterer:
             if u is not None:
                 # fp16 rows stay fp16 (half the memory; every op reads them chunk by chunk) and,
                 # when already unit-norm (a store's rows), exactly as given
-                if u.dtype != torch.float16 or not _unit_rows(u, cfg.chunks.assign):
+                if u.dtype != torch.float16 or not ops._validate.unit_rows(u, cfg.chunks.assign):
                     u = torch.nn.functional.normalize(u if u.dtype == torch.float16 else u.float(), dim=1)
                 u = u.to(device)
             bank_all = self._noun_bank(self.nouns if nouns is None else nouns, inputs.store.dim if u is None else u.shape[1])
@@ -297,7 +296,7 @@ class SemanticClusterer:
                 log.info("approximate kNN recall@%d: %s", kk, recall)
         release(u, v)
         with phases("stage1"):
-            ckpt = None if ws.root is None else ws.root / "stage1.ckpt"
+            ckpt = ws.path("stage1.ckpt")
             r1 = stage1.train_stage1(u, v, k, cfg.stage1, seed=self.seed, chunks=cfg.chunks, progress=self.progress,
                                      image_neighbours=lists["knn_image"], text_neighbours=lists["knn_text"],
                                      checkpoint=ckpt, resume=self.resume)
@@ -316,7 +315,7 @@ class SemanticClusterer:
                 else:
                     source, tunable, mode = TensorSource(u.cpu()), stage2.FeatureAdapter(d, cfg.stage2).to(device), "adapter"
                 head = copy.deepcopy(r1.heads.image)
-                ckpt2 = None if ws.root is None else ws.root / "stage2.ckpt"
+                ckpt2 = ws.path("stage2.ckpt")
                 r2 = stage2.train_stage2(tunable, source, head, r1.labels, r1.conf, k, cfg.stage2, mode=mode,
                                          seed=self.seed, progress=self.progress, checkpoint=ckpt2, resume=self.resume)
             self.mode_, self.head_, self.tuned_ = mode, r2.head, tunable

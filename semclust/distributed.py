@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .ops import _validate as V
-from .ops.kmeans import _HARD_TAU, _unit_rows  # the same hard-assignment temperature as ops.kmeans: identical labels
+from .ops.kmeans import _HARD_TAU  # the same hard-assignment temperature as ops.kmeans: identical labels
 from .ops.reference import KMeansResult, kmeans_pp_init
 
 log = logging.getLogger(__name__)
@@ -332,7 +332,7 @@ def kmeans(
     V.count("restarts", restarts, 1)
     V.count("chunk_size", chunk_size, 1)
     # unit rows (a memory-mapped fp16 store) are read chunk by chunk as they are
-    xf = x_local if _unit_rows(x_local, chunk_size) else torch.nn.functional.normalize(x_local.float(), dim=1)
+    xf = x_local if V.unit_rows(x_local, chunk_size) else torch.nn.functional.normalize(x_local.float(), dim=1)
     seeds_from = _global_sample(xf, lay, sample, seed)
     gen = torch.Generator(device=xf.device).manual_seed(seed)
     best: Optional[KMeansResult] = None

@@ -80,10 +80,6 @@ def _run_signature(u: Tensor, k: int, seed: int, cfg: Stage1Config) -> str:
     return hashlib.sha256(head.encode()).hexdigest()
 
 
-def _load_checkpoint(path: Path, run_id: str) -> dict:
-    return load_checkpoint(path, run_id, "stage-1 checkpoint", "data, K, seed or settings")
-
-
 def _batches(n: int, size: int, g: torch.Generator) -> list[Tensor]:
     perm = torch.randperm(n, generator=g)
     out = list(perm.split(size))
@@ -170,7 +166,7 @@ def train_stage1(
     run_id = _run_signature(u, k, seed, cfg)
     start = 0
     if checkpoint is not None and resume and Path(checkpoint).exists():
-        ck = _load_checkpoint(Path(checkpoint), run_id)
+        ck = load_checkpoint(Path(checkpoint), run_id, "stage-1 checkpoint", "data, K, seed or settings")
         heads.load_state_dict(ck["heads"])
         opt.load_state_dict(ck["opt"])
         g.set_state(ck["rng"])

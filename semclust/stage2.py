@@ -190,10 +190,6 @@ def _run_signature(stage1_labels: Tensor, stage1_conf: Tensor, k: int, seed: int
     return h.hexdigest()
 
 
-def _load_checkpoint(path: Path, run_id: str) -> dict:
-    return load_checkpoint(path, run_id, "stage-2 checkpoint", "stage-1 labels, K, seed, mode or settings")
-
-
 def _rank_world() -> tuple[int, int]:
     return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist.is_distributed() else (0, 1)
 
@@ -276,7 +272,7 @@ def train_stage2(
     run_id = _run_signature(s1_labels, s1_conf, k, seed, mode, cfg, tuned) if checkpoint is not None else ""
     start = 0
     if checkpoint is not None and resume and Path(checkpoint).exists():
-        ck = _load_checkpoint(Path(checkpoint), run_id)
+        ck = load_checkpoint(Path(checkpoint), run_id, "stage-2 checkpoint", "stage-1 labels, K, seed, mode or settings")
         saved = ck["tuned"]
         if len(saved) != len(tuned) or any(s.shape != p.shape for s, p in zip(saved, tuned)):
             raise ValueError(f"cannot resume: {checkpoint} holds other tuned parameters than this encoder's")

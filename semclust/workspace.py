@@ -153,6 +153,7 @@ class Workspace:
         atomic_write(self.root / STATE, lambda f: f.write(blob))
 
     def path(self, name: str) -> Optional[Path]:
+        """Where a file `name` of this run goes (checkpoints); None in memory."""
         return None if self.root is None else self.root / name
 
     def get(self, name: str) -> Optional[Tensor]:

@@ -38,6 +38,14 @@ def finite_(name: str, t: Tensor, chunk_rows: int = 65536) -> None:
         raise ValueError(f"{name} has {bad} row(s) with NaN or Inf; drop or repair them before clustering")
 
 
+def unit_rows(x: Tensor, chunk_size: int, tol: float = 2e-3) -> bool:
+    """True when every row has norm 1 (to `tol`), read `chunk_size` rows at a time."""
+    # fp16 storage rounds a unit norm by up to ~1e-3
+    return all(
+        bool(((x[s : s + chunk_size].float().norm(dim=1) - 1).abs() <= tol).all()) for s in range(0, x.shape[0], chunk_size)
+    )
+
+
 def same_device(**ts: Tensor) -> None:
     devs = {n: t.device for n, t in ts.items() if t is not None}
     if len(set(devs.values())) > 1:

@@ -27,13 +27,6 @@ def _objective(x: Tensor, centers: Tensor, labels: Tensor, chunk_size: int) -> T
     return (total / x.shape[0]).clamp_min(0.0)
 
 
-def _unit_rows(x: Tensor, chunk_size: int, tol: float = 2e-3) -> bool:
-    # fp16 storage rounds a unit norm by up to ~1e-3
-    return all(
-        bool(((x[s : s + chunk_size].float().norm(dim=1) - 1).abs() <= tol).all()) for s in range(0, x.shape[0], chunk_size)
-    )
-
-
 def _reseed_empty(x: Tensor, centers: Tensor, labels: Tensor, counts: Tensor, chunk_size: int) -> Tensor:
     """Empty clusters take the points worst served by their centres (farthest first)."""
     empty = torch.nonzero(counts <= 0).flatten()
@@ -88,7 +81,7 @@ def kmeans(
         raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
     # rows that are already unit-norm (embedding stores are) are used as they are, even
     # memory-mapped fp16: every pass below reads them in chunks
-    xf = x if _unit_rows(x, chunk_size) else torch.nn.functional.normalize(x.float(), dim=1)
+    xf = x if V.unit_rows(x, chunk_size) else torch.nn.functional.normalize(x.float(), dim=1)
     gen = torch.Generator(device=x.device).manual_seed(seed)
     best = None
     bar = tqdm(total=restarts * iters, desc=f"k-means (k={k})", unit="step", disable=not progress, leave=False)
