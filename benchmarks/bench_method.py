@@ -28,7 +28,7 @@ import torch
 
 from semclust import SemanticClusterer, ops
 from semclust.config import Config
-from semclust.data import TensorSource
+from semclust.inputs.sources import TensorSource
 from semclust.metrics import evaluate
 from semclust.synthetic import SyntheticSpec, make_synthetic
 

@@ -308,7 +308,7 @@ class Bench:
             return float((1.0 - (x * c[lab]).sum(1)).mean())
 
         # the default dispatch (on CPU the Triton interpreter is never the default)
-        from semclust.ops._dispatch import resolve
+        from semclust.ops.dispatch import resolve
 
         backend = resolve("assign", self.device)[0]
 

@@ -53,7 +53,7 @@ def _latent(dim: int = DIM) -> torch.Tensor:
 
 def make_store(path: Path, n: int, chunk: int = 65536) -> Path:
     """Write N synthetic rows (latent centre + noise, normalised) to a store, once."""
-    from semclust.store import StoreWriter, is_store, open_store
+    from semclust.inputs.store import StoreWriter, is_store, open_store
 
     if is_store(path) and open_store(path, verify=False).complete and len(open_store(path, verify=False)) == n:
         return path
@@ -81,7 +81,7 @@ def run_ours(store: Path, k: int, kmeans_iters: int, restarts: int, epochs: int,
              reuse: bool = False) -> dict:
     from semclust import SemanticClusterer
     from semclust.config import Config
-    from semclust.report import Phases
+    from semclust.runtime.report import Phases
 
     cfg = Config()
     cfg.semantic.kmeans_iters, cfg.semantic.kmeans_restarts = kmeans_iters, restarts
@@ -102,9 +102,9 @@ def run_ours(store: Path, k: int, kmeans_iters: int, restarts: int, epochs: int,
 def run_faiss(store: Path, k_means: int, kmeans_iters: int, knn_k: int, knn: str) -> dict:
     import faiss
 
-    from semclust import ann
-    from semclust.report import peak_rss_mb
-    from semclust.store import open_store
+    from semclust.method import neighbours as ann
+    from semclust.runtime.report import peak_rss_mb
+    from semclust.inputs.store import open_store
 
     s = open_store(store, verify=False)
     x = np.concatenate([s.shard(i) for i in range(s.shard_count)]).astype(np.float32)

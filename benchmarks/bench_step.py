@@ -4,7 +4,7 @@
 
 Step rows (batch B in {512, 4096}, D = 512, K in {10, 100, 1000}; hidden 512, Adam):
   eager     heads forward on [2B, D] x 2, the Python loss graph of `stage1.train_stage1`
-            (`semclust.fused_step.fused_step_reference`), backward, optimiser step
+            (`semclust.ops.reference.fused_step`), backward, optimiser step
   compile   the same step with heads + loss under torch.compile (inductor); compile time is
             reported apart and not counted; skipped where it fails on the machine
   ext       the heads, then `fused_step` (the C++ extension: loss and logit gradients in
@@ -110,8 +110,9 @@ def _step_inputs(b: int, k: int, d: int, seed: int = 0):
 
 
 def bench_step(b: int, k: int, d: int, repeats: int, with_compile: bool) -> dict:
-    from semclust.fused_step import fused_step_ext, fused_step_reference
-    from semclust.heads import Heads
+    from semclust.csrc.ops import fused_step as fused_step_ext
+    from semclust.method.heads import Heads
+    from semclust.ops.reference import fused_step as fused_step_reference
 
     x_i, x_t, u, v, centers, weights = _step_inputs(b, k, d)
     torch.manual_seed(0)
@@ -268,7 +269,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
         os.environ["OPENBLAS_NUM_THREADS"] = str(a.threads)  # faiss-cpu's BLAS, read when it loads
-    from semclust import ext
+    from semclust import csrc as ext
 
     ext.build()
     repeats = 2 if a.quick else 5

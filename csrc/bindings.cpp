@@ -1,6 +1,6 @@
 // The extension's one binding file: operator schemas (namespace `semclust_ext`) and their
 // CPU kernels. The CUDA library (fused_step.cu, built separately) adds CUDA kernels for
-// `fused_step` to the same operators. Python (semclust/ext.py) loads the libraries with
+// `fused_step` to the same operators. Python (csrc/library.py) loads the libraries with
 // torch.ops.load_library and registers fake (meta) kernels for torch.compile.
 
 #include <ATen/ATen.h>

@@ -34,7 +34,7 @@
 namespace semclust_ext {
 namespace {
 
-// semclust.losses._EPS: the clamp inside -log <p, q> and log p (gradient 0 below it)
+// semclust.ops.reference._EPS: the clamp inside -log <p, q> and log p (gradient 0 below it)
 constexpr double kEps = 1e-8;
 // torch.nn.functional.normalize's default eps: norms below it are replaced by it
 constexpr double kNormEps = 1e-12;

@@ -31,7 +31,7 @@
 namespace semclust_ext {
 namespace {
 
-constexpr double kEps = 1e-8;       // semclust.losses._EPS
+constexpr double kEps = 1e-8;       // semclust.ops.reference._EPS
 constexpr double kNormEps = 1e-12;  // F.normalize's eps
 constexpr double kLogEps = -18.420680743952367;  // log(kEps)
 constexpr int kWarp = 32;

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from semclust.ops import reference
-from semclust.ops._dispatch import register
+from semclust.ops.dispatch import register
 from semclust.ops.reference import AssignResult
 
 from . import _common as C

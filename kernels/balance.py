@@ -11,7 +11,7 @@ registers the reference formula itself (identical semantics and autograd).
 from __future__ import annotations
 
 from semclust.ops import reference
-from semclust.ops._dispatch import register
+from semclust.ops.dispatch import register
 
 
 @register("triton", "balance")

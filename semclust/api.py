@@ -14,9 +14,8 @@ import numbers
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -26,83 +25,24 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from . import ann, counterparts, ops, stage1, stage2
-from ._io import atomic_save_tensors, atomic_write, sha256_file
+from . import ops
 from .config import Config
-from .distributed import is_distributed
-from .data import ImageSource, SkipReport, TensorSource, collate_skip, list_images, load_embeddings
-from .heads import ClusterHead, Heads
-from .report import Phases
-from .store import EmbeddingStore, is_store, open_store
-from .workspace import Workspace, as_tensor, fingerprint, release
+from .inputs.classify import InputLike, Inputs, as_inputs
+from .inputs.sources import KeptSource, SkipReport, TensorSource, collate_skip
+from .inputs.store import EmbeddingStore
+from .method import counterparts, neighbours, stage1, stage2
+from .method.heads import ClusterHead, Heads
+from .runtime.distributed import is_distributed
+from .runtime.files import atomic_save_tensors, atomic_write, sha256_file
+from .runtime.mmap import as_tensor, fingerprint, release
+from .runtime.report import Phases
+from .runtime.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 MODEL_FORMAT = "semclust-model/1"
 CONFIG_FILE = "semclust.json"
 WEIGHTS_FILE = "weights.safetensors"
-_EMBEDDING_SUFFIXES = (".npy", ".pt", ".pth", ".safetensors")
-
-InputLike = Union[Tensor, np.ndarray, str, os.PathLike, Sequence[Union[str, os.PathLike]], Dataset]
-
-
-class _DatasetSource(Dataset):
-    """Any map-style Dataset of PIL images (or (image, label) pairs) with the item contract
-    of `ImageSource`: (transform(image), index, None)."""
-
-    def __init__(self, ds: Dataset) -> None:
-        self.ds = ds
-        self.items = [f"item:{i}" for i in range(len(ds))]  # type: ignore[arg-type]
-        self.transform = None
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[Any, int, None]:
-        item = self.ds[i]
-        img = item[0] if isinstance(item, (tuple, list)) else item
-        return (self.transform(img) if self.transform else img), i, None
-
-
-@dataclass
-class _Inputs:
-    embeddings: Optional[Tensor]  # [N, D] when given as features
-    source: Optional[Dataset]  # raw items when given as images / raw inputs
-    store: Optional[EmbeddingStore] = None  # an embedding store, read memory-mapped in chunks
-
-
-def _features(t: Tensor) -> Tensor:
-    # fp16 features stay fp16 (a store's precision, half the memory); others become float32
-    return t if t.dtype == torch.float16 else t.float()
-
-
-def _as_inputs(x: InputLike) -> _Inputs:
-    """Classify what the user passed: features, a store, an embedding file, or images."""
-    if isinstance(x, np.ndarray):
-        if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
-            raise ValueError(f"an array input must be float [N, D] embeddings, got {x.dtype} {x.shape}")
-        return _Inputs(_features(torch.from_numpy(np.ascontiguousarray(x))), None)
-    if isinstance(x, Tensor):
-        if x.dim() != 2 or not x.is_floating_point():
-            raise ValueError(f"a tensor input must be float [N, D] embeddings, got {x.dtype} {tuple(x.shape)}")
-        return _Inputs(_features(x.detach()), None)
-    if isinstance(x, (str, os.PathLike)):
-        p = Path(x)
-        if not p.exists():
-            raise FileNotFoundError(f"input {str(p)!r} does not exist")
-        if p.is_dir() and is_store(p):
-            return _Inputs(None, None, open_store(p))
-        if p.is_file() and p.suffix.lower() in _EMBEDDING_SUFFIXES:
-            return _Inputs(load_embeddings(p), None)
-        return _Inputs(None, ImageSource.from_folder(p) if p.is_dir() else ImageSource.from_paths([p]))
-    if isinstance(x, Dataset):
-        return _Inputs(None, x if hasattr(x, "items") else _DatasetSource(x))
-    if isinstance(x, (list, tuple)) and x and all(isinstance(e, (str, os.PathLike)) for e in x):
-        return _Inputs(None, ImageSource.from_paths(list_images(list(x))))
-    raise TypeError(
-        "input must be embeddings (array/tensor [N, D], .npy/.pt/.safetensors file, embedding store), "
-        f"images (folder, list of paths, Dataset), got {type(x).__name__}"
-    )
 
 
 @torch.no_grad()
@@ -195,7 +135,7 @@ class SemanticClusterer:
         if not isinstance(self.clip, (str, os.PathLike)):
             return self.clip
         if getattr(self, "_clip_encoder", None) is None:
-            from .encode import ClipEncoder
+            from .clip.encoder import ClipEncoder
 
             self._clip_encoder = ClipEncoder.load(self.clip, self.pretrained, device=self._device())
         return self._clip_encoder
@@ -203,12 +143,12 @@ class SemanticClusterer:
     def _noun_bank(self, nouns: Any, dim: int) -> Tensor:
         if isinstance(nouns, (np.ndarray, Tensor)):
             t = torch.as_tensor(nouns).float()
-            ops._validate.matrix("nouns", t, cols=dim)
+            ops.validate.matrix("nouns", t, cols=dim)
             return torch.nn.functional.normalize(t, dim=1)
         encoder = self._encoder()
         if not hasattr(encoder, "encode_texts"):
             raise TypeError("word nouns need a CLIP text tower: pass noun embeddings [W, D] with a custom encoder")
-        from .vocab import embed_nouns, load_nouns
+        from .clip.vocab import embed_nouns, load_nouns
 
         t = embed_nouns(encoder, load_nouns(nouns), progress=self.progress)
         if t.shape[1] != dim:
@@ -224,7 +164,7 @@ class SemanticClusterer:
         not N; with `resume=True` finished phases are reused.
         """
         self._check_params()
-        inputs = _as_inputs(X)
+        inputs = as_inputs(X)
         if is_distributed() and inputs.source is not None:
             raise ValueError("a distributed fit reads embeddings: run `semclust embed` first and fit the store")
         if inputs.store is not None and self.checkpoint_dir is None:
@@ -232,7 +172,7 @@ class SemanticClusterer:
                 return self._fit(inputs, nouns, Path(tmp))
         return self._fit(inputs, nouns, None if self.checkpoint_dir is None else Path(self.checkpoint_dir))
 
-    def _fit(self, inputs: _Inputs, nouns: Any, work_dir: Optional[Path]) -> "SemanticClusterer":
+    def _fit(self, inputs: Inputs, nouns: Any, work_dir: Optional[Path]) -> "SemanticClusterer":
         cfg = self.config or Config()
         device = self._device()
         k = int(self.n_clusters)
@@ -251,14 +191,14 @@ class SemanticClusterer:
                 u, n_total, report = inputs.embeddings, inputs.embeddings.shape[0], SkipReport()
                 kept = torch.arange(n_total)
             if u is not None:
-                ops._validate.matrix("embeddings", u)
+                ops.validate.matrix("embeddings", u)
             n = kept.numel()
             if k > n:
                 raise ValueError(f"n_clusters={k} is larger than the number of samples ({n})")
             if u is not None:
                 # fp16 rows stay fp16 (half the memory; every op reads them chunk by chunk) and,
                 # when already unit-norm (a store's rows), exactly as given
-                if u.dtype != torch.float16 or not ops._validate.unit_rows(u, cfg.chunks.assign):
+                if u.dtype != torch.float16 or not ops.validate.unit_rows(u, cfg.chunks.assign):
                     u = torch.nn.functional.normalize(u if u.dtype == torch.float16 else u.float(), dim=1)
                 u = u.to(device)
             bank_all = self._noun_bank(self.nouns if nouns is None else nouns, inputs.store.dim if u is None else u.shape[1])
@@ -285,12 +225,12 @@ class SemanticClusterer:
             for name, z in (("knn_image", u), ("knn_text", v)):
                 got = ws.get(name)
                 if got is None:
-                    got = ws.fill(name, (n, kk), torch.int32, lambda out, lo, hi, z=z, name=name: stage1.neighbours(
+                    got = ws.fill(name, (n, kk), torch.int32, lambda out, lo, hi, z=z, name=name: neighbours.neighbours(
                         z, kk, cfg.chunks, out=out, progress=self.progress, desc=name.replace("_", " "), cfg=cfg.stage1,
                         rows=(lo, hi)))
                 lists[name] = got
             if cfg.stage1.knn_method != "exact" and cfg.stage1.knn_recall_sample:
-                recall = {name: ann.recall_at_k(z, lists[name], kk, cfg.stage1.knn_recall_sample, seed=self.seed,
+                recall = {name: neighbours.recall_at_k(z, lists[name], kk, cfg.stage1.knn_recall_sample, seed=self.seed,
                                                 database_chunk=cfg.chunks.knn_database)
                           for name, z in (("knn_image", u), ("knn_text", v))}
                 log.info("approximate kNN recall@%d: %s", kk, recall)
@@ -311,7 +251,7 @@ class SemanticClusterer:
                     # tune a copy: the user's encoder object and the cached pristine CLIP stay as
                     # they were, so a second fit starts from the same weights as the first
                     tunable = copy.deepcopy(encoder)
-                    source, mode = _KeptSource(inputs.source, kept), "encoder"
+                    source, mode = KeptSource(inputs.source, kept), "encoder"
                 else:
                     source, tunable, mode = TensorSource(u.cpu()), stage2.FeatureAdapter(d, cfg.stage2).to(device), "adapter"
                 head = copy.deepcopy(r1.heads.image)
@@ -346,7 +286,7 @@ class SemanticClusterer:
         self._config = cfg
         return self
 
-    def _run_id(self, inputs: _Inputs, u: Optional[Tensor], bank: Tensor, cfg: Config) -> str:
+    def _run_id(self, inputs: Inputs, u: Optional[Tensor], bank: Tensor, cfg: Config) -> str:
         """What a workspace must match to be reused: the data, the nouns, K, the seed and
         the settings of the phases it caches."""
         data = inputs.store.fingerprint() if inputs.store is not None else fingerprint(u)
@@ -395,7 +335,7 @@ class SemanticClusterer:
         block per memory-mapped shard; `_proba_chunks` reads every block chunk by chunk."""
         self._check_fitted()
         cfg = self._config
-        inputs = _as_inputs(X)
+        inputs = as_inputs(X)
         if inputs.source is None and self.mode_ == "encoder":
             raise ValueError("this model fine-tuned its image encoder: predict from images, not embeddings")
         if inputs.source is not None:
@@ -412,7 +352,7 @@ class SemanticClusterer:
         else:
             blocks, kept, n = [inputs.embeddings], torch.arange(inputs.embeddings.shape[0]), inputs.embeddings.shape[0]
         for b in blocks:
-            ops._validate.matrix("embeddings", b, cols=self.n_features_in_)
+            ops.validate.matrix("embeddings", b, cols=self.n_features_in_)
         return blocks, kept, n
 
     @torch.no_grad()
@@ -569,26 +509,3 @@ class SemanticClusterer:
 
 def _prefixed(t: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
-
-
-class _KeptSource(Dataset):
-    """The readable items of a source, re-indexed 0..n-1 (stage 2 never sees skipped ones)."""
-
-    def __init__(self, source: Dataset, kept: Tensor) -> None:
-        self.source, self.kept = source, kept.tolist()
-        self.items = [source.items[i] for i in self.kept]
-
-    @property
-    def transform(self) -> Any:
-        return self.source.transform
-
-    @transform.setter
-    def transform(self, fn: Any) -> None:
-        self.source.transform = fn
-
-    def __len__(self) -> int:
-        return len(self.kept)
-
-    def __getitem__(self, i: int) -> tuple[Any, int, Optional[str]]:
-        x, _, err = self.source[self.kept[i]]
-        return x, i, err

@@ -44,7 +44,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from . import ops
     from .api import SemanticClusterer
     from .config import Config
-    from .data import TensorSource
+    from .inputs.sources import TensorSource
     from .metrics import evaluate
     from .synthetic import SyntheticSpec, make_synthetic
 
@@ -86,8 +86,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 # ---- embed / fit / predict / evaluate ----------------------------------------------------
 
 def cmd_embed(a: argparse.Namespace) -> int:
-    from .data import ImageSource
-    from .encode import ClipEncoder
+    from .clip.encoder import ClipEncoder
+    from .inputs.sources import ImageSource
 
     src = ImageSource.from_folder(a.images)
     enc = ClipEncoder.load(a.clip, a.pretrained, device=a.device or "cpu")
@@ -101,7 +101,7 @@ def cmd_embed(a: argparse.Namespace) -> int:
 
 def _read_nouns(spec: Optional[str]):
     if spec and Path(spec).suffix.lower() in (".npy", ".pt", ".pth", ".safetensors"):
-        from .data import load_embeddings
+        from .inputs.embeddings import load_embeddings
 
         return load_embeddings(spec)
     return spec
@@ -110,8 +110,8 @@ def _read_nouns(spec: Optional[str]):
 def cmd_fit(a: argparse.Namespace) -> int:
     from .api import SemanticClusterer
     from .config import Config
-    from .distributed import init_from_env
-    from .report import Phases
+    from .runtime.distributed import init_from_env
+    from .runtime.report import Phases
 
     _seed_everything(a.seed)
     info = init_from_env()  # under torchrun: join the group; the fit then shards its phases
@@ -166,7 +166,8 @@ def _grid(items: list[str], labels: np.ndarray, conf: np.ndarray, out: str, per_
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from .api import SemanticClusterer
-    from .data import ImageSource, load_labels
+    from .inputs.embeddings import load_labels
+    from .inputs.sources import ImageSource
     from .metrics import evaluate
 
     model = SemanticClusterer.load(a.run, device="cpu")
@@ -199,7 +200,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def cmd_build_ext(a: argparse.Namespace) -> int:
-    from . import ext
+    from . import csrc as ext
 
     part = "cuda" if a.cuda else "cpu"
     print(f"cache: {ext.cache_dir()} (override with SEMCLUST_EXT_DIR)")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from semclust.encode import ClipEncoder
+from semclust.clip.encoder import ClipEncoder
 
 # the tiny open_clip architecture shipped with the package (embed_dim 32, 32x32 images)
 TINY_CLIP_CONFIG = Path(str(resources.files("semclust").joinpath("tiny_clip.json")))

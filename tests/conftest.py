@@ -28,7 +28,7 @@ def built_ext():
     """The C++ extension, built once per session. Where no compiler exists the ext tests
     are skipped with the build error; under CI a failed build fails them instead, so a
     broken extension can never pass as skipped."""
-    from semclust import ext
+    from semclust import csrc as ext
 
     try:
         ext.build()

@@ -20,7 +20,7 @@ from clip_fixtures import TINY_CLIP_CONFIG, save_checkpoint, tiny_encoder, torch
 from semclust import SemanticClusterer
 from semclust.api import CONFIG_FILE, WEIGHTS_FILE
 from semclust.config import Config
-from semclust.data import ImageSource, TensorSource
+from semclust.inputs.sources import ImageSource, TensorSource
 from semclust.synthetic import SyntheticSpec, make_synthetic
 
 __all__ = ["torch_single_thread"]  # fixture used below
@@ -222,7 +222,7 @@ def test_constructor_stores_params_verbatim_and_does_no_work(monkeypatch):
     def no_loading(*a, **kw):
         raise AssertionError("the constructor must not load a model")
 
-    monkeypatch.setattr("semclust.encode.ClipEncoder.load", no_loading)
+    monkeypatch.setattr("semclust.clip.encoder.ClipEncoder.load", no_loading)
     cfg, nouns = small_config(), ["a", "b"]
     params = dict(n_clusters=-5, clip="no-such-model", pretrained="/no/such/ckpt.pt", nouns=nouns, stage=7,
                   config=cfg, device="cuda:9", seed=123, progress=True)

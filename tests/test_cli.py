@@ -17,8 +17,8 @@ from PIL import Image
 from clip_fixtures import TINY_CLIP_CONFIG, save_checkpoint, tiny_encoder, torch_single_thread
 from semclust.api import CONFIG_FILE, SemanticClusterer
 from semclust.cli import main
-from semclust.data import ImageSource
-from semclust.store import open_store
+from semclust.inputs.sources import ImageSource
+from semclust.inputs.store import open_store
 
 __all__ = ["torch_single_thread"]  # fixture used below
 pytestmark = pytest.mark.usefixtures("torch_single_thread")

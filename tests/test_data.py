@@ -7,7 +7,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from semclust.data import (
+from semclust.inputs.benchmarks import load_benchmark
+from semclust.inputs.embeddings import load_embeddings, load_labels
+from semclust.inputs.sources import (
     ArrayImageSource,
     CorruptImage,
     FileImageSource,
@@ -15,9 +17,6 @@ from semclust.data import (
     SkipReport,
     collate_skip,
     list_images,
-    load_benchmark,
-    load_embeddings,
-    load_labels,
 )
 
 RNG = np.random.default_rng(0)

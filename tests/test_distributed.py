@@ -1,4 +1,4 @@
-"""semclust.distributed: gloo runs on 2 and 3 local ranks against one process on all rows.
+"""semclust.runtime.distributed: gloo runs on 2 and 3 local ranks against one process on all rows.
 
 One spawn per world size runs every case on every rank (each rank holds a shard of the
 same synthetic data) and saves its results; the tests compare them, in this process,
@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import semclust.distributed as D
+import semclust.runtime.distributed as D
 import semclust.ops as ops
 
 N, DIM, K = 600, 16, 5

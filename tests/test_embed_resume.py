@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from clip_fixtures import TINY_CLIP_CONFIG, save_checkpoint, tiny_encoder, write_random_pngs
 
-from semclust.store import open_store
+from semclust.inputs.store import open_store
 
 
 def _rows_done(store):

@@ -11,9 +11,9 @@ from PIL import Image
 
 from clip_fixtures import (TINY_CLIP_CONFIG, png_folder, save_checkpoint, tiny_clip, tiny_encoder,
                            torch_single_thread, write_random_pngs)
-from semclust.data import ImageSource
-from semclust.encode import TEMPLATES, ClipEncoder
-from semclust.store import StoreWriter, open_store
+from semclust.inputs.sources import ImageSource
+from semclust.clip.encoder import TEMPLATES, ClipEncoder
+from semclust.inputs.store import StoreWriter, open_store
 
 __all__ = ["png_folder", "tiny_clip", "torch_single_thread"]  # fixtures used below
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -46,7 +46,7 @@ def test_load_from_json_config(tiny_clip, caplog):
     assert tiny_clip.dim == 32 and tiny_clip.image_size == (32, 32)
     assert tiny_clip.pretrained is None and tiny_clip.checkpoint_sha256 is None
     assert not tiny_clip.model.training
-    with caplog.at_level(logging.WARNING, logger="semclust.encode"):
+    with caplog.at_level(logging.WARNING, logger="semclust.clip.encoder"):
         tiny_encoder()
     assert "random weights: only for tests" in caplog.text
 

@@ -17,12 +17,14 @@ import textwrap
 import pytest
 import torch
 
-from semclust import ext, ops
-from semclust.ops import _dispatch
+from semclust import csrc as ext
+from semclust import ops
+from semclust.csrc import library
+from semclust.ops import dispatch
 
 
 def _torch_backend_still_works():
-    from semclust.fused_step import fused_step
+    from semclust.ops import fused_step
 
     x, c = torch.nn.functional.normalize(torch.randn(20, 8), dim=1), torch.randn(3, 8)
     with ops.use_backend("torch"):
@@ -42,7 +44,7 @@ def _torch_backend_still_works():
 def test_compile_check_cuda_source_with_nvcc(tmp_path):
     if torch.version.cuda is None:
         pytest.skip("torch is a CPU-only build: the CUDA part cannot be compiled against it")
-    if ext._find_cuda_home() is None:
+    if library._find_cuda_home() is None:
         pytest.skip("no CUDA toolkit (nvcc + libcudart) found; set CUDA_HOME to run the compile check")
     lib = ext.build(cuda=True, directory=tmp_path / "cuda", load_it=False)
     assert lib.exists() and lib.stat().st_size > 0
@@ -53,15 +55,15 @@ def test_compile_check_cuda_source_with_nvcc(tmp_path):
 
 def test_cuda_arch_list_default_and_override(monkeypatch):
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
-    flags = ext._cuda_arch_flags()
+    flags = library._cuda_arch_flags()
     assert flags == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
     name = ext.build_name("cuda")
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6+PTX")
-    assert ext._cuda_arch_flags() == ["-gencode=arch=compute_86,code=sm_86", "-gencode=arch=compute_86,code=compute_86"]
+    assert library._cuda_arch_flags() == ["-gencode=arch=compute_86,code=sm_86", "-gencode=arch=compute_86,code=compute_86"]
     assert ext.build_name("cuda") != name  # another architecture is another build
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "sm_eighty")
     with pytest.raises(ext.ExtensionBuildError, match="TORCH_CUDA_ARCH_LIST"):
-        ext._cuda_arch_flags()
+        library._cuda_arch_flags()
 
 
 # ---- build errors -------------------------------------------------------------------------
@@ -112,7 +114,7 @@ def test_cuda_part_on_cpu_only_torch(monkeypatch, tmp_path):
 def test_cuda_part_without_toolkit(monkeypatch, tmp_path):
     if torch.version.cuda is None:
         pytest.skip("CPU-only torch: covered by test_cuda_part_on_cpu_only_torch")
-    monkeypatch.setattr(ext, "_find_cuda_home", lambda: None)
+    monkeypatch.setattr(library, "_find_cuda_home", lambda: None)
     with pytest.raises(ext.ExtensionBuildError, match="CUDA_HOME"):
         ext.build(cuda=True, directory=tmp_path / "b")
 
@@ -123,7 +125,7 @@ def test_cuda_part_without_toolkit(monkeypatch, tmp_path):
 def test_build_name_follows_the_sources(monkeypatch, tmp_path):
     src = tmp_path / "csrc"
     shutil.copytree(ext.source_dir(), src)
-    monkeypatch.setattr(ext, "source_dir", lambda: src)
+    monkeypatch.setattr(library, "source_dir", lambda: src)
     cpu, cuda = ext.build_name("cpu"), ext.build_name("cuda")
     assert cpu.startswith("semclust_ext_cpu_") and cuda.startswith("semclust_ext_cuda_")
     (src / "fused_step.cpp").write_text((src / "fused_step.cpp").read_text() + "\n// edited\n")
@@ -154,8 +156,8 @@ def test_import_never_compiles_and_unbuilt_means_torch(tmp_path):
         t0 = time.perf_counter()
         import torch
         import semclust.ops as ops
-        from semclust import ext
-        from semclust.fused_step import active
+        from semclust import csrc as ext
+        from semclust.ops.fused_step import active
         reason = ops.available_backends("cpu")["ext"]
         assert not ext.is_built("cpu") and reason and "not built" in reason and "semclust build-ext" in reason, reason
         x, c = torch.randn(6, 4), torch.randn(3, 4)
@@ -182,15 +184,15 @@ def test_forcing_ext_builds_on_first_use(monkeypatch):
     calls = []
     monkeypatch.setattr(ext, "is_built", lambda part="cpu": False)
     monkeypatch.setattr(ext, "build", lambda cuda=False, **kw: calls.append(cuda))
-    monkeypatch.setattr(_dispatch, "_LOAD_ERRORS", {})
+    monkeypatch.setattr(dispatch, "_LOAD_ERRORS", {})
     with ops.use_backend("ext"):
         ext._autoload()
     assert calls and calls[0] is False
-    assert "ext" not in _dispatch._LOAD_ERRORS
+    assert "ext" not in dispatch._LOAD_ERRORS
     calls.clear()
     with ops.use_backend(None):
         ext._autoload()
-    assert calls == [] and "not built" in _dispatch._LOAD_ERRORS["ext"]
+    assert calls == [] and "not built" in dispatch._LOAD_ERRORS["ext"]
 
 
 def test_cli_build_ext_reports_the_cache(capsys):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from semclust import ops
-from semclust.ops import _dispatch
+from semclust.ops import dispatch
 from semclust.ops import reference as R
 
 CPU = torch.device("cpu")
@@ -184,9 +184,9 @@ def test_registered_ops_and_default_choice(ext):
     assert ops.available_backends("cpu")["ext"] is None
     with ops.use_backend(None):
         for op in ext.REGISTERED_OPS:
-            assert _dispatch.resolve(op, CPU)[0] == "ext", op
+            assert dispatch.resolve(op, CPU)[0] == "ext", op
         for op in {"assign", "knn", "center_update", "retrieve", "balance"} - set(ext.REGISTERED_OPS):
-            assert _dispatch.resolve(op, CPU)[0] == "torch", op
+            assert dispatch.resolve(op, CPU)[0] == "torch", op
 
 
 def test_fake_kernels():

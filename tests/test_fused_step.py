@@ -1,5 +1,5 @@
 """fused_step (the ext backend's stage-1 step) against its definition: autograd through
-the Python losses of `semclust.losses` (`fused_step_reference`), in float64 and float32.
+the Python loss `semclust.ops.reference.stage1_loss` (`reference.fused_step`), in float64 and float32.
 
 Float32 follows flash-attention's rule: the extension's error against the float64
 reference on the same (rounded) inputs may be at most a small multiple of plain
@@ -16,9 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from semclust import fused_step as fs
 from semclust import ops
-from semclust.ops import _dispatch
+from semclust.csrc import ops as ext_ops
+from semclust.ops import dispatch
+from semclust.ops import reference as R
+from semclust.ops.fused_step import active
 
 KW = dict(cluster_tau=0.5, center_tau=0.1, w_instance=0.5, w_assignment=1.0, w_center=1.0, w_balance=2.0)
 FIELDS = ("loss", "instance", "assignment", "center", "balance", "marginal", "probs_i", "probs_t")
@@ -78,8 +80,8 @@ EXTRAS = {"both": (True, True), "centers": (True, False), "weights": (False, Tru
 @pytest.mark.parametrize("b,k,d", SHAPES)
 def test_float64_equals_reference(b, k, d, case, extras):
     inputs = make_inputs(b, k, d, torch.float64, case, *EXTRAS[extras])
-    ref, gi_ref, gt_ref = run(fs.fused_step_reference, *inputs)
-    got, gi, gt = run(fs.fused_step_ext, *inputs)
+    ref, gi_ref, gt_ref = run(R.fused_step, *inputs)
+    got, gi, gt = run(ext_ops.fused_step, *inputs)
     for name in FIELDS:
         assert rel_err(getattr(got, name), getattr(ref, name)) < 1e-10, name
     assert rel_err(gi, gi_ref) < 1e-9, "dlogits_i"
@@ -92,9 +94,9 @@ def test_float64_equals_reference(b, k, d, case, extras):
 def test_float32_error_within_pytorchs_own(b, k, d, case, extras):
     inputs32 = make_inputs(b, k, d, torch.float32, case, *EXTRAS[extras])
     inputs64 = tuple(None if t is None else t.double() for t in inputs32)  # same rounded values
-    ref, gi_ref, gt_ref = run(fs.fused_step_reference, *inputs64)
-    t32, gi_t32, gt_t32 = run(fs.fused_step_reference, *inputs32)
-    got, gi, gt = run(fs.fused_step_ext, *inputs32)
+    ref, gi_ref, gt_ref = run(R.fused_step, *inputs64)
+    t32, gi_t32, gt_t32 = run(R.fused_step, *inputs32)
+    got, gi, gt = run(ext_ops.fused_step, *inputs32)
     assert got.loss.dtype == torch.float32 and gi.dtype == torch.float32
 
     def check(name, x, x_t32, x_ref, floor):
@@ -110,8 +112,8 @@ def test_float32_error_within_pytorchs_own(b, k, d, case, extras):
 
 def test_backward_scales_saved_gradients_by_grad_output():
     inputs = make_inputs(9, 5, 8, torch.float64)
-    _, gi1, gt1 = run(fs.fused_step_ext, *inputs)
-    _, gi3, gt3 = run(fs.fused_step_ext, *inputs, upstream=-3.0)
+    _, gi1, gt1 = run(ext_ops.fused_step, *inputs)
+    _, gi3, gt3 = run(ext_ops.fused_step, *inputs, upstream=-3.0)
     torch.testing.assert_close(gi3, -3.0 * gi1, rtol=1e-14, atol=0)
     torch.testing.assert_close(gt3, -3.0 * gt1, rtol=1e-14, atol=0)
 
@@ -120,8 +122,8 @@ def test_backward_scales_saved_gradients_by_grad_output():
 def test_half_logits_computed_in_float32(dtype):
     li, lt, u, v, c, w = make_inputs(11, 6, 8, torch.float32)
     li, lt = li.to(dtype), lt.to(dtype)
-    got, gi, gt = run(fs.fused_step_ext, li, lt, u, v, c, w)
-    ref, gi_ref, gt_ref = run(fs.fused_step_reference, li.float(), lt.float(), u, v, c, w)
+    got, gi, gt = run(ext_ops.fused_step, li, lt, u, v, c, w)
+    ref, gi_ref, gt_ref = run(R.fused_step, li.float(), lt.float(), u, v, c, w)
     assert gi.dtype == dtype and gt.dtype == dtype
     assert abs(float(got.loss.detach()) - float(ref.loss.detach())) < 1e-5
     assert rel_err(gi, gi_ref) < 1e-2 and rel_err(gt, gt_ref) < 1e-2  # the cast back to half
@@ -129,40 +131,40 @@ def test_half_logits_computed_in_float32(dtype):
 
 def test_repeated_calls_are_bitwise_identical():
     inputs = make_inputs(257, 37, 32, torch.float32)
-    a = run(fs.fused_step_ext, *inputs)
-    b = run(fs.fused_step_ext, *inputs)
+    a = run(ext_ops.fused_step, *inputs)
+    b = run(ext_ops.fused_step, *inputs)
     assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) and torch.equal(a[0].loss, b[0].loss)
 
 
 def test_public_op_dispatches_and_validates():
     inputs = make_inputs(6, 4, 8, torch.float32)
     with ops.use_backend("ext"):
-        r = fs.fused_step(inputs[0].clone().requires_grad_(), *inputs[1:], **KW)
+        r = ops.fused_step(inputs[0].clone().requires_grad_(), *inputs[1:], **KW)
     assert type(r.loss.grad_fn).__name__ == "FusedStepFunctionBackward"
     with ops.use_backend("torch"):
         li = inputs[0].clone().requires_grad_()
-        r2 = fs.fused_step(li, *inputs[1:], **KW)
+        r2 = ops.fused_step(li, *inputs[1:], **KW)
         assert "FusedStep" not in type(r2.loss.grad_fn).__name__
     torch.testing.assert_close(r.loss.detach(), r2.loss.detach(), rtol=1e-5, atol=1e-6)
     li, lt, u, v, c, w = inputs
     with pytest.raises(ValueError, match="2B in all"):
-        fs.fused_step(li[:-1], lt[:-1], u, v, c, w, **KW)
+        ops.fused_step(li[:-1], lt[:-1], u, v, c, w, **KW)
     with pytest.raises(ValueError, match="centers has 3 rows, expected K=4"):
-        fs.fused_step(li, lt, u, v, c[:3], w, **KW)
+        ops.fused_step(li, lt, u, v, c[:3], w, **KW)
     with pytest.raises(ValueError, match="constant.*u.detach"):
-        fs.fused_step(li, lt, u.clone().requires_grad_(), v, c, w, **KW)
+        ops.fused_step(li, lt, u.clone().requires_grad_(), v, c, w, **KW)
     with pytest.raises(ValueError, match="cluster_tau"):
-        fs.fused_step(li, lt, u, v, c, w, **{**KW, "cluster_tau": 0.0})
+        ops.fused_step(li, lt, u, v, c, w, **{**KW, "cluster_tau": 0.0})
 
 
 def test_active_follows_the_backend_choice():
     with ops.use_backend("ext"):
-        assert fs.active("cpu")
+        assert active("cpu")
     with ops.use_backend("torch"):
-        assert not fs.active("cpu")
+        assert not active("cpu")
     with ops.use_backend(None):
-        assert fs.active("cpu")  # built (the fixture) and loaded: the default picks ext
-    assert _dispatch.resolve("fused_step", torch.device("cpu"))[0] in ("torch", "ext")
+        assert active("cpu")  # built (the fixture) and loaded: the default picks ext
+    assert dispatch.resolve("fused_step", torch.device("cpu"))[0] in ("torch", "ext")
 
 
 def test_fake_kernel_and_torch_compile():
@@ -171,12 +173,12 @@ def test_fake_kernel_and_torch_compile():
                           (*inputs, *KW.values()), test_utils=("test_schema", "test_faketensor"))
 
     def loss_of(li, lt):
-        return fs.fused_step_ext(li, lt, *inputs[2:], **KW).loss
+        return ext_ops.fused_step(li, lt, *inputs[2:], **KW).loss
 
     compiled = torch.compile(loss_of, backend="aot_eager", fullgraph=True)
     a, b = inputs[0].clone().requires_grad_(), inputs[1].clone().requires_grad_()
     compiled(a, b).backward()
-    _, gi, gt = run(fs.fused_step_ext, *inputs)
+    _, gi, gt = run(ext_ops.fused_step, *inputs)
     torch.testing.assert_close(a.grad, gi, rtol=0, atol=0)
     torch.testing.assert_close(b.grad, gt, rtol=0, atol=0)
 
@@ -186,9 +188,9 @@ def test_fake_kernel_and_torch_compile():
 
 @pytest.fixture(scope="module")
 def synthetic_run_inputs():
-    from semclust import counterparts
+    from semclust.method import counterparts
     from semclust.config import ChunkConfig, CounterpartConfig, SemanticSpaceConfig
-    from semclust.stage1 import neighbours
+    from semclust.method.neighbours import neighbours
     from semclust.synthetic import SyntheticSpec, make_synthetic
 
     data = make_synthetic(SyntheticSpec(n=1000), seed=0)
@@ -207,17 +209,17 @@ def test_stage1_same_training_through_torch_and_ext(synthetic_run_inputs, monkey
     accuracy (measured: 0.702 vs 0.701, 999 of 1000 labels equal)."""
     from semclust.config import Stage1Config
     from semclust.metrics import cluster_accuracy
-    from semclust.stage1 import train_stage1
+    from semclust.method.stage1 import train_stage1
 
     data, u, v, ni, nt = synthetic_run_inputs
     calls = {"n": 0}
-    apply = fs.FusedStepFunction.apply
+    apply = ext_ops.FusedStepFunction.apply
 
     def counting_apply(*args):
         calls["n"] += 1
         return apply(*args)
 
-    monkeypatch.setattr(fs.FusedStepFunction, "apply", counting_apply)
+    monkeypatch.setattr(ext_ops.FusedStepFunction, "apply", counting_apply)
     cfg = Stage1Config(epochs=20, batch_size=128)
     runs = {}
     for backend in ("torch", "ext"):
@@ -238,7 +240,7 @@ def test_stage1_same_training_through_torch_and_ext(synthetic_run_inputs, monkey
 def test_stage1_forced_ext_builds_balance_state_like_python(synthetic_run_inputs):
     """The fused path feeds BalanceState the same marginal EMA as balance_loss does."""
     from semclust.config import Stage1Config
-    from semclust.stage1 import train_stage1
+    from semclust.method.stage1 import train_stage1
 
     _, u, v, ni, nt = synthetic_run_inputs
     cfg = Stage1Config(epochs=1, batch_size=250)

@@ -12,7 +12,7 @@ import torch
 
 from semclust import SemanticClusterer, ops
 from semclust.config import Config
-from semclust.data import TensorSource
+from semclust.inputs.sources import TensorSource
 from semclust.metrics import cluster_accuracy
 from semclust.synthetic import SyntheticSpec, make_synthetic
 
@@ -51,7 +51,7 @@ def test_no_cluster_collapses(run):
 
 
 def test_semantic_selection_keeps_on_topic_nouns():
-    from semclust import counterparts
+    from semclust.method import counterparts
     from semclust.config import SemanticSpaceConfig
 
     data = make_synthetic(SyntheticSpec(n=1500), seed=0)

@@ -1,10 +1,11 @@
-"""stage1.neighbours: chunked kNN lists written into `out`, the same lists as ops.knn
+"""neighbours.neighbours: chunked kNN lists written into `out`, the same lists as ops.knn
 with exclude_self whatever the chunk sizes."""
 
 import pytest
 import torch
 
-from semclust import ops, stage1
+from semclust import ops
+from semclust.method import neighbours
 from semclust.config import ChunkConfig
 
 
@@ -48,7 +49,7 @@ def test_same_as_knn_for_any_chunking(n, d, k):
     if n <= 33:
         chunkings.append((1, 1))
     for q, b in chunkings:
-        got = stage1.neighbours(z, k, ChunkConfig(knn_queries=q, knn_database=b))
+        got = neighbours.neighbours(z, k, ChunkConfig(knn_queries=q, knn_database=b))
         assert got.shape == (n, k) and got.dtype == torch.int32, (q, b)
         assert torch.equal(got.long(), want), (n, d, k, q, b)
 
@@ -60,9 +61,9 @@ def test_default_chunks_and_unnormalised_rows():
     z = _rows(40, 5, seed=3) * torch.linspace(0.1, 10, 40)[:, None]
     z[7] = 3 * z[2]
     want = _expected(z, 6)
-    got = stage1.neighbours(z, 6, ChunkConfig(knn_queries=6, knn_database=9))
+    got = neighbours.neighbours(z, 6, ChunkConfig(knn_queries=6, knn_database=9))
     assert torch.equal(got.long(), want)
-    assert torch.equal(stage1.neighbours(z, 6, ChunkConfig()).long(), want)
+    assert torch.equal(neighbours.neighbours(z, 6, ChunkConfig()).long(), want)
     assert bool((got != torch.arange(40, dtype=torch.int32)[:, None]).all())
 
 
@@ -70,7 +71,7 @@ def test_default_chunks_and_unnormalised_rows():
 def test_writes_into_out(dtype):
     z = torch.nn.functional.normalize(_rows(33, 8, seed=1), dim=1)
     out = torch.full((33, 4), -1, dtype=dtype)
-    res = stage1.neighbours(z, 4, ChunkConfig(knn_queries=5, knn_database=6), out=out)
+    res = neighbours.neighbours(z, 4, ChunkConfig(knn_queries=5, knn_database=6), out=out)
     assert res is out and res.dtype == dtype
     assert torch.equal(out.long(), _expected(z, 4))
 
@@ -79,7 +80,7 @@ def test_writes_into_a_view():
     """`out` may be a non-contiguous view of a bigger array (like a column block)."""
     z = torch.nn.functional.normalize(_rows(20, 4, seed=2), dim=1)
     big = torch.full((20, 7), -5, dtype=torch.int64)
-    stage1.neighbours(z, 3, ChunkConfig(knn_queries=3, knn_database=4), out=big[:, 2:5])
+    neighbours.neighbours(z, 3, ChunkConfig(knn_queries=3, knn_database=4), out=big[:, 2:5])
     assert torch.equal(big[:, 2:5], _expected(z, 3))
     assert bool((big[:, :2] == -5).all()) and bool((big[:, 5:] == -5).all())
 
@@ -89,7 +90,7 @@ def test_wrong_out_shape(shape):
     z = _rows(20, 4)
     out = torch.zeros(shape, dtype=torch.int32)
     with pytest.raises(ValueError, match="out has shape"):
-        stage1.neighbours(z, 3, ChunkConfig(knn_queries=7), out=out)
+        neighbours.neighbours(z, 3, ChunkConfig(knn_queries=7), out=out)
     assert bool((out == 0).all())
 
 
@@ -108,11 +109,11 @@ def test_exact_ties_go_to_the_lower_index(q, b):
     for k in (1, 2, 3, 4, 6, n - 1):
         want = _expected(z, k)
         assert torch.equal(want, _naive(z, k)), k
-        got = stage1.neighbours(z, k, ChunkConfig(knn_queries=q, knn_database=b))
+        got = neighbours.neighbours(z, k, ChunkConfig(knn_queries=q, knn_database=b))
         assert torch.equal(got.long(), want), (k, q, b)
     # e.g. the last copy of row 0 (index 11) has the four lowest other copies as its top 4
-    assert stage1.neighbours(z, 4, ChunkConfig(knn_queries=q, knn_database=b))[11].tolist() == [0, 2, 4, 5]
-    assert stage1.neighbours(z, 4, ChunkConfig(knn_queries=q, knn_database=b))[0].tolist() == [2, 4, 5, 8]
+    assert neighbours.neighbours(z, 4, ChunkConfig(knn_queries=q, knn_database=b))[11].tolist() == [0, 2, 4, 5]
+    assert neighbours.neighbours(z, 4, ChunkConfig(knn_queries=q, knn_database=b))[0].tolist() == [2, 4, 5, 8]
 
 
 @pytest.mark.parametrize("n,k", [(7, 6), (33, 5), (130, 1)])
@@ -120,7 +121,7 @@ def test_float16_input(n, k):
     z = torch.nn.functional.normalize(_rows(n, 16, seed=n), dim=1).half()
     want = _expected(z, k)
     for q, b in ((1, n), (n, 1), (4, 7), (n, n)):
-        got = stage1.neighbours(z, k, ChunkConfig(knn_queries=q, knn_database=b))
+        got = neighbours.neighbours(z, k, ChunkConfig(knn_queries=q, knn_database=b))
         assert got.dtype == torch.int32
         assert torch.equal(got.long(), want), (q, b)
     assert bool((got != torch.arange(n, dtype=torch.int32)[:, None]).all())

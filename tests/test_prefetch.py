@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from semclust.prefetch import prefetch
+from semclust.runtime.prefetch import prefetch
 
 NAME = "semclust-prefetch"
 

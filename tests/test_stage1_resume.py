@@ -4,7 +4,8 @@ uninterrupted run ends; a checkpoint of another run is refused."""
 import pytest
 import torch
 
-from semclust import counterparts, ops, stage1
+from semclust import ops
+from semclust.method import counterparts, neighbours, stage1
 from semclust.config import ChunkConfig, CounterpartConfig, SemanticSpaceConfig, Stage1Config
 from semclust.synthetic import SyntheticSpec, make_synthetic
 
@@ -16,7 +17,7 @@ def inputs():
     with ops.use_backend("torch"):
         space = counterparts.select_nouns(u, data.noun_embeddings, 10, SemanticSpaceConfig(kmeans_restarts=1))
         v = counterparts.text_counterparts(u, space.bank(data.noun_embeddings), CounterpartConfig())
-        ni, nt = stage1.neighbours(u, 20, ChunkConfig()), stage1.neighbours(v, 20, ChunkConfig())
+        ni, nt = neighbours.neighbours(u, 20, ChunkConfig()), neighbours.neighbours(v, 20, ChunkConfig())
     return u, v, ni, nt
 
 

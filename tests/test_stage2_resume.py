@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from semclust import ops, stage2
+from semclust import ops
+from semclust.method import stage2
 from semclust.config import Stage2Config
-from semclust.data import TensorSource, collate_skip
-from semclust.heads import ClusterHead
+from semclust.inputs.sources import TensorSource, collate_skip
+from semclust.method.heads import ClusterHead
 from semclust.synthetic import SyntheticSpec, make_synthetic
 
 K = 6

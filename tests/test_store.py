@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from semclust.store import StoreWriter, is_store, open_store
+from semclust.inputs.store import StoreWriter, is_store, open_store
 
 D = 8
 MODEL = dict(model="tiny_clip", pretrained="/ckpt/a.pt", checkpoint_sha256="ab" * 32, dim=D)

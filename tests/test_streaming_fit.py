@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from semclust import SemanticClusterer, ops, stage1
+from semclust import SemanticClusterer, ops
+from semclust.method import neighbours
 from semclust.config import Config
-from semclust.store import StoreWriter, open_store
+from semclust.inputs.store import StoreWriter, open_store
 
 N, DIM, K, W = 600, 16, 4, 40
 
@@ -78,7 +79,7 @@ def test_store_with_tiny_chunks_equals_in_memory_fit(store, tmp_path):
     np.testing.assert_allclose(streamed.confidences_, mem.confidences_, rtol=1e-5, atol=1e-6)
     # the intermediates are on disk, memory-mapped, and equal the in-memory ones
     kk = _config().stage1.knn_k
-    want = stage1.neighbours(u, kk, _config().chunks)
+    want = neighbours.neighbours(u, kk, _config().chunks)
     assert np.array_equal(np.load(work / "knn_image.npy"), want.numpy())
     assert np.load(work / "counterparts.npy").dtype == np.float16
     assert {"images.npy", "counterparts.npy", "knn_image.npy", "knn_text.npy", "stage1.ckpt"} <= {p.name for p in work.iterdir()}
@@ -102,8 +103,8 @@ def test_resume_reuses_finished_phases(store, tmp_path, monkeypatch):
     def no_recompute(*a, **k):
         raise AssertionError("a finished phase was computed again")
 
-    monkeypatch.setattr(stage1, "neighbours", no_recompute)
-    monkeypatch.setattr("semclust.counterparts.text_counterparts", no_recompute)
+    monkeypatch.setattr(neighbours, "neighbours", no_recompute)
+    monkeypatch.setattr("semclust.method.counterparts.text_counterparts", no_recompute)
     again = _fit(str(store), checkpoint_dir=work, resume=True)
     assert np.array_equal(again.labels_, first.labels_)
 

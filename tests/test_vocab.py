@@ -5,8 +5,8 @@ from unittest import mock
 import pytest
 import torch
 
-from semclust.encode import TEMPLATES
-from semclust.vocab import default_cache_dir, default_nouns, embed_nouns, load_nouns, wordnet_nouns
+from semclust.clip.encoder import TEMPLATES
+from semclust.clip.vocab import default_cache_dir, default_nouns, embed_nouns, load_nouns, wordnet_nouns
 
 
 def test_default_nouns():

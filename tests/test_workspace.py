@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from semclust._io import TMP_PREFIX
-from semclust.workspace import STATE, Workspace, as_tensor, fingerprint
+from semclust.runtime.files import TMP_PREFIX
+from semclust.runtime.mmap import as_tensor, fingerprint
+from semclust.runtime.workspace import STATE, Workspace
 
 
 def _rows(n, d, seed=0, dtype=torch.float32):

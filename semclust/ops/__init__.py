@@ -7,17 +7,18 @@ fastest backend implementing the op for the tensors' device; force one with
 cannot run raises :class:`BackendUnavailable` with the reason.
 """
 
-from ._dispatch import BackendUnavailable, available_backends, use_backend
 from .assign import assign
 from .balance import balance
 from .center_update import center_update
+from .dispatch import BackendUnavailable, available_backends, use_backend
+from .fused_step import fused_step
 from .kmeans import kmeans
 from .knn import knn
-from .reference import AssignResult, BalanceResult, KMeansResult
+from .reference import AssignResult, BalanceResult, KMeansResult, StepResult
 from .retrieve import retrieve
 
 __all__ = [
-    "assign", "retrieve", "knn", "center_update", "balance", "kmeans",
+    "assign", "retrieve", "knn", "center_update", "balance", "kmeans", "fused_step",
     "use_backend", "available_backends", "BackendUnavailable",
-    "AssignResult", "BalanceResult", "KMeansResult",
+    "AssignResult", "BalanceResult", "KMeansResult", "StepResult",
 ]

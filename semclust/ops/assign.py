@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import _validate as V
-from ._dispatch import register, resolve
+from . import validate as V
+from .dispatch import register, resolve
 from . import reference
 from .reference import AssignResult
 

@@ -4,9 +4,9 @@ from typing import Optional
 
 from torch import Tensor
 
-from . import _validate as V
+from . import validate as V
 from . import reference
-from ._dispatch import register, resolve
+from .dispatch import register, resolve
 
 register("torch", "center_update")(reference.center_update)
 

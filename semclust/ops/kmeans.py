@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import _validate as V
+from . import validate as V
 from .assign import assign
 from .center_update import center_update
 from .reference import KMeansResult, kmeans_pp_init

@@ -4,7 +4,7 @@ Every function here works on any device and dtype (it computes in float32 or bet
 returns the input dtype where a feature vector is returned), is differentiable where its
 public op is, and works in row chunks so its memory is bounded by the chunk: an op never
 forms the N x K, N x W or N x N matrix unless the caller asks for it (`return_probs`).
-Inputs are assumed validated (see `semclust.ops._validate`).
+Inputs are assumed validated (see `semclust.ops.validate`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 
 class AssignResult(NamedTuple):
@@ -35,7 +36,22 @@ class KMeansResult(NamedTuple):
     objective: Tensor  # [], mean_i (1 - cos(x_i, c_{label_i})); lower is better
 
 
+PARTS = ("instance", "assignment", "center", "balance")
+
+
+class StepResult(NamedTuple):
+    loss: Tensor  # [] total, differentiable w.r.t. logits_i and logits_t
+    instance: Tensor  # [] the unweighted parts (detached)
+    assignment: Tensor
+    center: Tensor
+    balance: Tensor
+    marginal: Tensor  # [K] (mean p + mean q) / 2, for the balance-weight EMA
+    probs_i: Tensor  # [2B, K] softmax(logits_i) (detached)
+    probs_t: Tensor  # [2B, K] softmax(logits_t) (detached)
+
+
 _CENTER_CHUNK = 65536
+_EPS = 1e-8
 
 
 def _compute_dtype(*ts: Tensor) -> torch.dtype:
@@ -192,3 +208,121 @@ def kmeans_pp_init(x: Tensor, k: int, generator: torch.Generator, chunk_size: in
         chosen.append(cand[best : best + 1])
         d = dc[:, best]
     return x[torch.cat(chosen)].float()
+
+
+# ---- the stage-1 loss (the definition `fused_step` computes in one call) ------------------
+#
+# Notation: P = softmax(f_I(u)) and Q = softmax(f_T(v)) are [B, K] assignments of a
+# batch's images and text counterparts; P_n / Q_n are those of a random cross-modal
+# neighbour (an image neighbour for the text side and vice versa, as in TAC's neighbour
+# distillation).
+
+
+def instance_loss(p: Tensor, q: Tensor, p_n: Tensor, q_n: Tensor) -> Tensor:
+    """-log <p_i, q_i> (a sample agrees with its own counterpart; TAC's BCE(<p,q>, 1))
+    plus the same for its cross-modal neighbours (-log <p_i, q_n_i>, -log <q_i, p_n_i>)."""
+    own = -torch.log((p * q).sum(1).clamp_min(_EPS)).mean()
+    nbr = -0.5 * (torch.log((p * q_n).sum(1).clamp_min(_EPS)).mean() + torch.log((q * p_n).sum(1).clamp_min(_EPS)).mean())
+    return own + nbr
+
+
+def cluster_infonce(a: Tensor, b: Tensor, tau: float) -> Tensor:
+    """Symmetric InfoNCE over the 2K cluster vectors of a and b ([B, K] each): column k of
+    `a` is pulled to column k of `b` and pushed from every other column of both (TAC,
+    temperature 0.5). Works for any [n, K] pair, e.g. [K, D] centres transposed."""
+    k = a.shape[1]
+    z = F.normalize(torch.cat([a.T, b.T], dim=0), dim=1)
+    sim = z @ z.T / tau
+    sim = sim.masked_fill(torch.eye(2 * k, dtype=torch.bool, device=a.device), float("-inf"))
+    target = torch.cat([torch.arange(k, 2 * k), torch.arange(0, k)]).to(a.device)
+    return F.cross_entropy(sim, target)
+
+
+def assignment_loss(p: Tensor, q: Tensor, p_n: Tensor, q_n: Tensor, cluster_tau: float) -> Tensor:
+    """Cluster-level consistency of the assignment columns across modalities and
+    neighbours: InfoNCE(P, Q_n) + InfoNCE(Q, P_n), halved."""
+    return 0.5 * (cluster_infonce(p, q_n, cluster_tau) + cluster_infonce(q, p_n, cluster_tau))
+
+
+def soft_centers(p: Tensor, z: Tensor) -> Tensor:
+    """c_k = normalise(sum_i p_ik z_i): [K, D] confidence-weighted centres."""
+    return F.normalize(p.T @ z, dim=1)
+
+
+def center_loss(
+    p: Tensor, q: Tensor, u: Tensor, v: Tensor, centers: Optional[Tensor], cluster_tau: float, center_tau: float
+) -> Tensor:
+    """Centre-level consistency.
+
+    (1) image centres sum_i p_ik u_i and text centres sum_i q_ik v_i are aligned
+        by InfoNCE over the K centre pairs (temperature `cluster_tau`);
+    (2) "better centre generation": `centers` [K, D] are built from BOTH modalities and
+        from confident members, averaged over batches (`method.losses.update_centers`);
+        both heads are pulled towards the assignment those centres give,
+        softmax(z c^T / center_tau), with z = normalise(u + v) — a prototype target that
+        is steadier than any batch.
+    """
+    ci, ct = soft_centers(p, u), soft_centers(q, v)
+    logits = ci @ ct.T / cluster_tau
+    tgt = torch.arange(ci.shape[0], device=p.device)
+    loss = 0.5 * (F.cross_entropy(logits, tgt) + F.cross_entropy(logits.T, tgt))
+    if centers is not None:
+        z = F.normalize(u + v, dim=1)
+        target = assign(z.detach(), centers, center_tau, return_probs=True).probs
+        loss = loss - 0.5 * (target * (torch.log(p.clamp_min(_EPS)) + torch.log(q.clamp_min(_EPS)))).sum(1).mean()
+    return loss
+
+
+def balance_loss(p: Tensor, q: Tensor, weights: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(-(H_w(p_bar) + H_w(q_bar)) / log K, the marginal (p_bar + q_bar) / 2 detached): the
+    (weighted) entropy of the batch's cluster marginals, maximised. `weights` [K] are the
+    dynamic balance weights (`method.losses.BalanceState.weights()`); None gives w = 1
+    (TAC's fixed entropy term). Dividing by log K keeps the weight comparable across K."""
+    hp = balance(p, weights=weights)
+    hq = balance(q, weights=weights)
+    marginal = (0.5 * (hp.marginal + hq.marginal)).detach()
+    return -(hp.entropy + hq.entropy) / math.log(max(p.shape[1], 2)), marginal
+
+
+def stage1_loss(
+    p: Tensor, q: Tensor, p_n: Tensor, q_n: Tensor, u: Tensor, v: Tensor,
+    centers: Optional[Tensor], weights: Optional[Tensor], *,
+    cluster_tau: float, center_tau: float, w_instance: float, w_assignment: float, w_center: float, w_balance: float,
+) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """The stage-1 loss on probabilities, free of side effects: (loss [], parts
+    {instance, assignment, center, balance} [] each, marginal [K] detached).
+
+    loss = w_instance instance + w_assignment assignment + w_center center + w_balance balance;
+    see each term's function. p, q [B, K] of the batch, p_n, q_n [B, K] of its sampled
+    neighbours, u, v [B, D] its features, centers [K, D] or None, weights [K] or None."""
+    parts = {
+        "instance": instance_loss(p, q, p_n, q_n),
+        "assignment": assignment_loss(p, q, p_n, q_n, cluster_tau),
+        "center": center_loss(p, q, u, v, centers, cluster_tau, center_tau),
+    }
+    parts["balance"], marginal = balance_loss(p, q, weights)
+    loss = (
+        w_instance * parts["instance"]
+        + w_assignment * parts["assignment"]
+        + w_center * parts["center"]
+        + w_balance * parts["balance"]
+    )
+    return loss, parts, marginal
+
+
+def fused_step(
+    logits_i: Tensor, logits_t: Tensor, u: Tensor, v: Tensor,
+    centers: Optional[Tensor] = None, weights: Optional[Tensor] = None, *,
+    cluster_tau: float, center_tau: float, w_instance: float, w_assignment: float, w_center: float, w_balance: float,
+) -> StepResult:
+    """The fused step's definition: softmax of both heads' logits [2B, K] (the batch,
+    then its neighbours), then `stage1_loss` (autograd gives the gradients)."""
+    b = u.shape[0]
+    probs_i, probs_t = torch.softmax(logits_i, 1), torch.softmax(logits_t, 1)
+    p, p_n = probs_i.split(b)
+    q, q_n = probs_t.split(b)
+    loss, parts, marginal = stage1_loss(
+        p, q, p_n, q_n, u, v, centers, weights, cluster_tau=cluster_tau, center_tau=center_tau,
+        w_instance=w_instance, w_assignment=w_assignment, w_center=w_center, w_balance=w_balance,
+    )
+    return StepResult(loss, *(parts[k].detach() for k in PARTS), marginal, probs_i.detach(), probs_t.detach())

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import _validate as V
+from . import validate as V
 from . import reference
-from ._dispatch import register, resolve
+from .dispatch import register, resolve
 
 register("torch", "retrieve")(reference.retrieve)
 

@@ -12,7 +12,7 @@ pytest.importorskip("triton", reason="the triton backend's tests need the triton
 
 import semclust.kernels  # noqa: E402
 import semclust.ops as ops  # noqa: E402
-from semclust.ops import _dispatch  # noqa: E402
+from semclust.ops import dispatch  # noqa: E402
 
 from kernel_util import DEVICE  # noqa: E402
 
@@ -22,7 +22,7 @@ OPS = ("assign", "retrieve", "knn", "center_update", "balance")
 @pytest.mark.parametrize("op", OPS)
 def test_forced_triton_is_picked(op):
     with ops.use_backend("triton"):
-        name, impl = _dispatch.resolve(op, DEVICE)
+        name, impl = dispatch.resolve(op, DEVICE)
     assert name == "triton"
     assert impl is getattr(getattr(semclust.kernels, op), op)
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import semclust.ops as ops
-from semclust.ops import _dispatch
+from semclust.ops import dispatch
 
 CPU = torch.device("cpu")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -57,7 +57,7 @@ def backend(request):
     """
     name = request.param
     for op in getattr(request.module, "OPS", ()):
-        reason = _dispatch.unavailable_reason(name, op, CPU)
+        reason = dispatch.unavailable_reason(name, op, CPU)
         if reason is not None:
             pytest.skip(f"{name}: {reason}")
     with ops.use_backend(name):

@@ -12,14 +12,14 @@ import pytest
 import torch
 
 import semclust.ops as ops
-from semclust.ops import _dispatch
+from semclust.ops import dispatch
 
 CPU = torch.device("cpu")
 
 
 def active(op: str = "assign") -> str:
     """The backend an op would run on for CPU tensors right now."""
-    return _dispatch.resolve(op, CPU)[0]
+    return dispatch.resolve(op, CPU)[0]
 
 
 def unavailable_on_cpu() -> list[tuple[str, str]]:
@@ -37,26 +37,26 @@ def test_available_backends_shape():
 
 def test_use_backend_call_form_persists():
     with ops.use_backend(None):  # this test's own scope (the autouse fixture forced torch)
-        assert _dispatch.forced() is None
+        assert dispatch.forced() is None
         ops.use_backend("torch")  # call form: in force until changed
-        assert _dispatch.forced() == "torch" and active() == "torch"
+        assert dispatch.forced() == "torch" and active() == "torch"
         ops.use_backend(None)
-        assert _dispatch.forced() is None
-    assert _dispatch.forced() == "torch"
+        assert dispatch.forced() is None
+    assert dispatch.forced() == "torch"
 
 
 def test_use_backend_context_restores_previous():
     with ops.use_backend(None):
         with ops.use_backend("torch"):
-            assert _dispatch.forced() == "torch"
+            assert dispatch.forced() == "torch"
             with ops.use_backend(None):
-                assert _dispatch.forced() is None
-            assert _dispatch.forced() == "torch"  # the inner block put back the outer choice
-        assert _dispatch.forced() is None
+                assert dispatch.forced() is None
+            assert dispatch.forced() == "torch"  # the inner block put back the outer choice
+        assert dispatch.forced() is None
         ops.use_backend("torch")
         with ops.use_backend(None):
             pass
-        assert _dispatch.forced() == "torch"  # restores a call-form choice too
+        assert dispatch.forced() == "torch"  # restores a call-form choice too
 
 
 def test_use_backend_restores_on_exception():
@@ -64,13 +64,13 @@ def test_use_backend_restores_on_exception():
         with pytest.raises(KeyError):
             with ops.use_backend("torch"):
                 raise KeyError("boom")
-        assert _dispatch.forced() is None
+        assert dispatch.forced() is None
 
 
 def test_use_backend_is_per_thread():
     seen = {}
     with ops.use_backend("torch"):
-        t = threading.Thread(target=lambda: seen.setdefault("other", _dispatch.forced()))
+        t = threading.Thread(target=lambda: seen.setdefault("other", dispatch.forced()))
         t.start()
         t.join()
     assert seen["other"] is None
@@ -79,18 +79,18 @@ def test_use_backend_is_per_thread():
 def test_unknown_backend_name():
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         ops.use_backend("cuda")
-    assert _dispatch.forced() == "torch"  # a refused name changes nothing
+    assert dispatch.forced() == "torch"  # a refused name changes nothing
 
 
 def test_env_forces_backend(monkeypatch):
     with ops.use_backend(None):
         monkeypatch.setenv("SEMCLUST_BACKEND", "torch")
-        assert _dispatch.forced() == "torch" and active() == "torch"
+        assert dispatch.forced() == "torch" and active() == "torch"
         x, c = torch.randn(5, 3), torch.randn(2, 3)
         r = ops.assign(x, c, 0.5)
         torch.testing.assert_close(r.conf, torch.softmax(x @ c.T / 0.5, 1).max(1).values)
         monkeypatch.setenv("SEMCLUST_BACKEND", "")  # empty means automatic
-        assert _dispatch.forced() is None
+        assert dispatch.forced() is None
 
 
 def test_use_backend_overrides_env(monkeypatch):
@@ -125,8 +125,8 @@ def test_forced_unavailable_backend_says_why(monkeypatch, how):
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
-    if _dispatch._load("triton") is not None:
-        pytest.skip(f"triton backend not loadable here: {_dispatch._load('triton')}")
+    if dispatch._load("triton") is not None:
+        pytest.skip(f"triton backend not loadable here: {dispatch._load('triton')}")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     reason = ops.available_backends("cpu")["triton"]
     assert reason is not None and "TRITON_INTERPRET" in reason

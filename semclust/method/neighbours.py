@@ -1,4 +1,5 @@
-"""Approximate kNN for large N: faiss IVF, and its recall against the exact search.
+"""The kNN phase: each row's k nearest other rows by cosine, exact (chunked `ops.knn`)
+or approximate (faiss IVF) for large N, and the recall of the approximate lists.
 
 Exact kNN costs N^2 D: at N = 1M, D = 512 that is 10^15 multiply-adds, hours on a CPU.
 An inverted-file index scans only `nprobe` of `nlist` k-means cells per query. faiss is
@@ -10,13 +11,48 @@ N x D x 2 bytes, not the float32 copy a flat index would make.
 from __future__ import annotations
 
 import math
+from typing import Optional
+
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import ops
-from .workspace import release
+from .. import ops
+from ..config import ChunkConfig, Stage1Config
+from ..runtime.mmap import release
+
+
+def neighbours(z: Tensor, k: int, chunks: ChunkConfig, out: Optional[Tensor] = None, progress: bool = False,
+               desc: str = "knn", cfg: Optional[Stage1Config] = None, rows: Optional[tuple[int, int]] = None) -> Tensor:
+    """[N, k] indices (int32 unless `out` says otherwise) of each row's k nearest other
+    rows by cosine, written `chunks.knn_queries` query rows at a time so that only
+    [chunk, k] results exist besides `out` (which may be memory-mapped). Exact, unless
+    `cfg.knn_method` is "ivf" (faiss, approximate; see `ivf_neighbours`). `rows` = (lo, hi)
+    answers only those queries (one rank's share), against all N rows."""
+    n = z.shape[0]
+    out = torch.empty((n, k), dtype=torch.int32) if out is None else out
+    if tuple(out.shape) != (n, k):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(n, k)}")
+    if cfg is not None and cfg.knn_method == "ivf":
+        return ivf_neighbours(z, k, out, cfg.knn_nlist, cfg.knn_nprobe, chunk=chunks.knn_database,
+                                  progress=progress, desc=f"{desc} (ivf)", rows=rows)
+    if cfg is not None and cfg.knn_method != "exact":
+        raise ValueError(f"knn_method must be 'exact' or 'ivf', got {cfg.knn_method!r}")
+    step = chunks.knn_queries
+    lo, hi = rows or (0, n)
+    with tqdm(total=hi - lo, desc=desc, unit="query", unit_scale=True, disable=not progress, leave=False) as bar:
+        for s in range(lo, hi, step):
+            q = z[s : min(s + step, hi)]
+            # k + 1 with the row itself, then drop it: the same lists as exclude_self,
+            # for a query chunk at any offset into the database
+            idx = ops.knn(z, k + 1, queries=q, exclude_self=False, query_chunk=step, database_chunk=chunks.knn_database)[1]
+            own = idx == torch.arange(s, s + q.shape[0], device=idx.device)[:, None]
+            own[~own.any(1), -1] = True
+            out[s : s + q.shape[0]] = idx[~own].view(q.shape[0], k).to(device=out.device, dtype=out.dtype)
+            release(z, out)  # each query chunk reads every row: let them go before the next
+            bar.update(q.shape[0])
+    return out
 
 def _faiss():
     try:

@@ -1,10 +1,10 @@
-"""The `ext` backend: the C++ (OpenMP) / CUDA extension in `csrc/`, JIT-built with
-`torch.utils.cpp_extension` + ninja, cached, and registered with the op dispatcher.
+"""Building and loading the `ext` backend's library: the sources in this folder, JIT-built
+with `torch.utils.cpp_extension` + ninja, cached, loaded with `torch.ops.load_library`.
 
 What it provides:
   * `fused_step` (CPU and CUDA): the stage-1 loss and its logit gradients in one call
-    (see `semclust.fused_step`).
-  * CPU fast paths (`csrc/ops_cpu.cpp`: a GEMM tile per thread with the op's epilogue
+    (see `semclust.ops.fused_step`).
+  * CPU fast paths (`assign.cpp`, `knn.cpp`, `center_update.cpp`: a GEMM tile per thread with the op's epilogue
     fused onto it). Registered with the dispatcher because they beat the torch backend
     (benchmarks/bench_step.py, 2-core AVX-512 CPU, 1 and 2 threads):
       assign         1.2-1.5x faster; within 1.05-1.2x of a bare GEMM of the same shape
@@ -21,19 +21,19 @@ What it provides:
     (assign, center_update); a forced `ext` stops at `retrieve` / `balance` with
     BackendUnavailable, as for any backend lacking an op.
   Each is a `torch.ops.semclust_ext.*` operator (TORCH_LIBRARY schemas in
-  `csrc/bindings.cpp`, the C++ counterpart of `torch.library.custom_op`) with a fake
-  (meta) kernel registered here, so they trace under torch.compile. The op kernels are
+  `bindings.cpp`, the C++ counterpart of `torch.library.custom_op`) with a fake
+  (meta) kernel beside its Python face in `csrc/ops.py`, so they trace under torch.compile. The op kernels are
   forward-only; gradients w.r.t. assign / knn / center_update inputs are computed on the
   backward pass by recomputing the reference, so the ops stay differentiable as the
   reference is. On non-CPU tensors these three run the reference when ext was chosen
   automatically and raise BackendUnavailable when ext was forced.
 
 Build policy (no import ever compiles unless you ask for the ext backend):
-  * Importing this module loads an already-built library from the cache (a dlopen) and
+  * Importing `semclust.csrc` loads an already-built library from the cache (a dlopen) and
     registers the ops; the automatic backend choice then prefers `ext`.
   * When nothing is built, importing registers nothing: the backend reports "not built"
     and the automatic choice stays on `torch`. Build once with `semclust build-ext`
-    (`--cuda` adds the CUDA part), or call `semclust.ext.build()`.
+    (`--cuda` adds the CUDA part), or call `semclust.csrc.build()`.
   * Forcing the backend (`SEMCLUST_BACKEND=ext` or `semclust.ops.use_backend("ext")`)
     before its first use builds on that first use (a few minutes, once). Forcing it
     after the process has already found it unbuilt raises with that explanation.
@@ -60,14 +60,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
-from torch import Tensor
 
-from .ops import _dispatch, reference
-from .ops._dispatch import BackendUnavailable, register
-from .ops.reference import AssignResult
+
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +93,8 @@ class ExtensionNotBuilt(ExtensionBuildError):
 # ---- where things are ------------------------------------------------------------------
 
 def source_dir() -> Path:
-    """The installed `csrc/` folder (package `semclust.csrc`)."""
-    import semclust.csrc
-
-    return Path(semclust.csrc.__path__[0])
+    """The installed `csrc/` folder (package `semclust.csrc`): this file's folder."""
+    return Path(__file__).resolve().parent
 
 
 def cache_dir() -> Path:
@@ -239,6 +234,9 @@ def _check_cuda() -> None:
 # ---- build and load --------------------------------------------------------------------
 
 _loaded: dict[str, Path] = {}
+# called after the CPU library is loaded: registering the fakes and the dispatcher
+# implementations (`csrc/__init__.py` installs it; this module imports no op code)
+_on_load: list[Callable[[], None]] = []
 
 
 def _compile(part: str, directory: Path, verbose: bool) -> Path:
@@ -289,10 +287,10 @@ def _build_in_subprocess(part: str, directory: Path, verbose: bool) -> Path:
     directory, e.g. the compile check of the CUDA part on a machine without a GPU)."""
     code = (
         "import sys, pathlib\n"
-        "from semclust import ext\n"
+        "from semclust.csrc import library\n"
         "try:\n"
-        "    print(ext._compile(sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3] == '1'))\n"
-        "except ext.ExtensionBuildError as e:\n"
+        "    print(library._compile(sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3] == '1'))\n"
+        "except library.ExtensionBuildError as e:\n"
         f"    print({_CHILD_ERROR!r}, e, file=sys.stderr); sys.exit(3)\n"
     )
     env = dict(os.environ)
@@ -314,7 +312,7 @@ def load(part: str = "cpu") -> Path:
     if part in _loaded:
         return _loaded[part]
     if not is_built(part):
-        raise ExtensionNotBuilt(_not_built_message(part))
+        raise ExtensionNotBuilt(not_built_message(part))
     if part == "cuda" and "cpu" not in _loaded:
         load("cpu")  # the CUDA library adds kernels to the operators the CPU one defines
     path = library_path(part)
@@ -322,8 +320,8 @@ def load(part: str = "cpu") -> Path:
     _loaded[part] = path
     log.info("loaded the semclust %s extension from %s", part.upper(), path)
     if part == "cpu":
-        _register_fakes()
-        _activate()
+        for fn in _on_load:
+            fn()
     return path
 
 
@@ -361,11 +359,11 @@ def build(cuda: bool = False, *, verbose: bool = False, directory: Optional[Path
     return load(part)
 
 
-def _not_built_message(part: str = "cpu") -> str:
+def not_built_message(part: str = "cpu") -> str:
     flag = " --cuda" if part == "cuda" else ""
     return (
         f"the C++ extension is not built yet (looked for {build_dir(part)}); build it once with "
-        f"`semclust build-ext{flag}` or `semclust.ext.build({'cuda=True' if part == 'cuda' else ''})`, or force the ext "
+        f"`semclust build-ext{flag}` or `semclust.csrc.build({'cuda=True' if part == 'cuda' else ''})`, or force the ext "
         "backend (SEMCLUST_BACKEND=ext) before its first use to build it then"
     )
 
@@ -373,13 +371,13 @@ def _not_built_message(part: str = "cpu") -> str:
 def device_reason(device: torch.device) -> Optional[str]:
     """Why the extension cannot run fused_step on `device` (None when it can)."""
     if device.type == "cpu":
-        return None if "cpu" in _loaded else _not_built_message("cpu")
+        return None if "cpu" in _loaded else not_built_message("cpu")
     if device.type == "cuda":
         if "cuda" in _loaded:
             return None
         if torch.version.cuda is None:
             return "torch is a CPU-only build; the extension's CUDA part needs a CUDA build of torch"
-        return _not_built_message("cuda")
+        return not_built_message("cuda")
     return f"the extension has no kernels for {device.type} tensors"
 
 
@@ -391,223 +389,3 @@ def info() -> dict:
         "cuda": {"name": build_name("cuda"), "built": is_built("cuda"), "loaded": "cuda" in _loaded},
         "registered_ops": list(REGISTERED_OPS) if "cpu" in _loaded else [],
     }
-
-
-# ---- fake kernels (torch.compile) ------------------------------------------------------
-
-_FAKES_DONE = False
-
-
-def _register_fakes() -> None:
-    global _FAKES_DONE
-    if _FAKES_DONE:
-        return
-    _FAKES_DONE = True
-
-    @torch.library.register_fake(f"{NAMESPACE}::fused_step")
-    def _fused_step_fake(logits_i, logits_t, u, v, centers, weights, cluster_tau, center_tau,
-                         w_instance, w_assignment, w_center, w_balance):
-        k = logits_i.shape[1]
-        return (logits_i.new_empty(5), torch.empty_like(logits_i), torch.empty_like(logits_t),
-                torch.empty_like(logits_i), torch.empty_like(logits_t), logits_i.new_empty(k))
-
-    def _dt(*ts):
-        return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
-
-    @torch.library.register_fake(f"{NAMESPACE}::assign")
-    def _assign_fake(x, c, tau, return_probs):
-        n, k, dt = x.shape[0], c.shape[0], _dt(x, c)
-        return (x.new_empty(n, dtype=torch.int64), x.new_empty(n, dtype=dt), x.new_empty(k, dtype=dt),
-                x.new_empty((n if return_probs else 0, k), dtype=dt))
-
-    @torch.library.register_fake(f"{NAMESPACE}::retrieve")
-    def _retrieve_fake(x, bank, tau, normalize):
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-    @torch.library.register_fake(f"{NAMESPACE}::center_update")
-    def _center_update_fake(x, k, labels, probs, normalize, previous, momentum):
-        dt = _dt(x)
-        return x.new_empty((k, x.shape[1])), x.new_empty(k, dtype=dt)
-
-    @torch.library.register_fake(f"{NAMESPACE}::knn")
-    def _knn_fake(x, queries, k, exclude_self):
-        q = x if queries is None else queries
-        return q.new_empty((q.shape[0], k)), q.new_empty((q.shape[0], k), dtype=torch.int64)
-
-
-# ---- dispatcher implementations --------------------------------------------------------
-
-def _needs_grad(*ts: Optional[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
-
-
-def _cpu_only(op: str, device: torch.device) -> None:
-    raise BackendUnavailable(
-        f"backend 'ext' was forced but implements {op} on CPU tensors only (got {device.type}); "
-        "use the triton or torch backend for GPU tensors"
-    )
-
-
-class _AssignFn(torch.autograd.Function):
-    """Extension forward; the backward recomputes the reference in chunks (exact gradients
-    of the same function, at the reference's speed)."""
-
-    @staticmethod
-    def forward(ctx, x, c, tau, return_probs, chunk_size):
-        labels, conf, colsum, probs = torch.ops.semclust_ext.assign(x, c, tau, return_probs)
-        ctx.save_for_backward(x, c)
-        ctx.args = (tau, return_probs, chunk_size)
-        ctx.mark_non_differentiable(labels)
-        return labels, conf, colsum, probs if return_probs else None
-
-    @staticmethod
-    def backward(ctx, _g_labels, g_conf, g_colsum, g_probs):
-        x, c = ctx.saved_tensors
-        tau, return_probs, chunk_size = ctx.args
-        with torch.enable_grad():
-            xs = x.detach().requires_grad_(ctx.needs_input_grad[0])
-            cs = c.detach().requires_grad_(ctx.needs_input_grad[1])
-            r = reference.assign(xs, cs, tau, return_probs=return_probs, chunk_size=chunk_size)
-            pairs = [(o, g) for o, g in ((r.conf, g_conf), (r.colsum, g_colsum), (r.probs, g_probs)) if g is not None and o is not None]
-            inputs = [t for t in (xs, cs) if t.requires_grad]
-            grads = iter(torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True))
-        gx = next(grads) if xs.requires_grad else None
-        gc = next(grads) if cs.requires_grad else None
-        return gx, gc, None, None, None
-
-
-def _assign(x: Tensor, c: Tensor, tau: float, return_probs: bool = False, chunk_size: int = 65536) -> AssignResult:
-    if x.device.type != "cpu":
-        if _dispatch.forced() == "ext":
-            _cpu_only("assign", x.device)
-        return reference.assign(x, c, tau, return_probs=return_probs, chunk_size=chunk_size)
-    if _needs_grad(x, c):
-        return AssignResult(*_AssignFn.apply(x, c, float(tau), bool(return_probs), int(chunk_size)))
-    labels, conf, colsum, probs = torch.ops.semclust_ext.assign(x, c, float(tau), bool(return_probs))
-    return AssignResult(labels, conf, colsum, probs if return_probs else None)
-
-
-class _KnnFn(torch.autograd.Function):
-    """Extension forward; scores_ij = <q_i, x_idx_ij> is differentiated directly."""
-
-    @staticmethod
-    def forward(ctx, x, queries, k, exclude_self):
-        scores, idx = torch.ops.semclust_ext.knn(x, queries, k, exclude_self)
-        ctx.save_for_backward(x, queries, idx)
-        ctx.mark_non_differentiable(idx)
-        return scores, idx
-
-    @staticmethod
-    def backward(ctx, g_scores, _g_idx):
-        x, queries, idx = ctx.saved_tensors
-        with torch.enable_grad():
-            xs = x.detach().requires_grad_(True)
-            qs = xs if queries is None else queries.detach().requires_grad_(True)
-            dt = reference._compute_dtype(xs, qs)
-            scores = (qs.to(dt)[:, None, :] * xs.to(dt)[idx]).sum(-1).to(qs.dtype)
-            inputs = [xs] if queries is None else [xs, qs]
-            grads = torch.autograd.grad(scores, inputs, g_scores)
-        gx = grads[0] if ctx.needs_input_grad[0] else None
-        gq = grads[1] if queries is not None and ctx.needs_input_grad[1] else None
-        return gx, gq, None, None
-
-
-def _knn(x: Tensor, k: int, queries: Optional[Tensor] = None, exclude_self: bool = True,
-         query_chunk: int = 4096, database_chunk: int = 65536) -> tuple[Tensor, Tensor]:
-    if x.device.type != "cpu":
-        if _dispatch.forced() == "ext":
-            _cpu_only("knn", x.device)
-        return reference.knn(x, k, queries=queries, exclude_self=exclude_self, query_chunk=query_chunk,
-                             database_chunk=database_chunk)
-    if _needs_grad(x, queries):
-        return _KnnFn.apply(x, queries, int(k), bool(exclude_self))
-    return torch.ops.semclust_ext.knn(x, queries, int(k), bool(exclude_self))
-
-
-class _RecomputeFn(torch.autograd.Function):
-    """Extension forward for a differentiable op; the backward re-runs the reference
-    under autograd (exact gradients of the same function, at the reference's speed).
-    `fn(*tensors)` is the extension call, `ref(*tensors)` the reference; both return a
-    tuple whose non-float entries are not differentiable."""
-
-    @staticmethod
-    def forward(ctx, fn, ref, *tensors):
-        out = fn(*tensors)
-        ctx.ref = ref
-        ctx.save_for_backward(*[t if isinstance(t, Tensor) else None for t in tensors])
-        ctx.mark_non_differentiable(*[o for o in out if isinstance(o, Tensor) and not o.is_floating_point()])
-        return out
-
-    @staticmethod
-    def backward(ctx, *grads):
-        saved = ctx.saved_tensors
-        with torch.enable_grad():
-            inputs = [t.detach().requires_grad_(need) if t is not None and t.is_floating_point() else t
-                      for t, need in zip(saved, ctx.needs_input_grad[2:])]
-            outs = ctx.ref(*inputs)
-            pairs = [(o, g) for o, g in zip(outs, grads)
-                     if g is not None and isinstance(o, Tensor) and o.requires_grad]
-            wanted = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
-            got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
-                       if pairs and wanted else ())
-        return (None, None, *[next(got, None) if isinstance(t, Tensor) and t.requires_grad else None for t in inputs])
-
-
-def _center_update(x: Tensor, k: int, labels: Optional[Tensor] = None, probs: Optional[Tensor] = None,
-                   normalize: bool = True, previous: Optional[Tensor] = None, momentum: float = 0.0) -> tuple[Tensor, Tensor]:
-    if x.device.type != "cpu":
-        if _dispatch.forced() == "ext":
-            _cpu_only("center_update", x.device)
-        return reference.center_update(x, k, labels=labels, probs=probs, normalize=normalize, previous=previous,
-                                       momentum=momentum)
-    args = (int(k), bool(normalize), float(momentum))
-    if _needs_grad(x, probs, previous):
-        def fn(x_, labels_, probs_, previous_):
-            return torch.ops.semclust_ext.center_update(x_, args[0], labels_, probs_, args[1], previous_, args[2])
-
-        def ref(x_, labels_, probs_, previous_):
-            return reference.center_update(x_, args[0], labels=labels_, probs=probs_, normalize=args[1],
-                                           previous=previous_, momentum=args[2])
-
-        return _RecomputeFn.apply(fn, ref, x, labels, probs, previous)
-    return torch.ops.semclust_ext.center_update(x, args[0], labels, probs, args[1], previous, args[2])
-
-
-def _fused_step(*args, **kwargs):
-    from .fused_step import fused_step_ext
-
-    reason = device_reason(args[0].device)
-    if reason is not None:
-        raise BackendUnavailable(f"the ext backend cannot run fused_step: {reason}")
-    return fused_step_ext(*args, **kwargs)
-
-
-_IMPLEMENTATIONS = {"fused_step": _fused_step, "assign": _assign, "knn": _knn, "center_update": _center_update}
-
-
-def _activate() -> None:
-    """Register the ext implementations and clear the dispatcher's "not built" note."""
-    for op in REGISTERED_OPS:
-        register("ext", op)(_IMPLEMENTATIONS[op])
-    _dispatch._LOAD_ERRORS.pop("ext", None)
-
-
-def _autoload() -> None:
-    """Import-time policy: load what is built; build only for a forced ext backend."""
-    forced = _dispatch.forced() == "ext"
-    if is_built("cpu") or forced:
-        build(cuda=False) if forced else load("cpu")
-        if torch.cuda.is_available() and torch.version.cuda is not None:
-            if is_built("cuda"):
-                load("cuda")
-            elif forced:
-                build(cuda=True)
-    else:
-        # import succeeds (so `semclust.ext.build()` is reachable); the dispatcher reads this
-        # note as the backend's "unavailable" reason and keeps the torch backend
-        msg = _not_built_message("cpu")
-        _dispatch._LOAD_ERRORS["ext"] = msg
-        log.debug("semclust ext backend: %s", msg)
-
-
-_autoload()

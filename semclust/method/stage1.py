@@ -3,7 +3,8 @@
 The CLIP features stay frozen: the heads f_I (images u) and f_T (text counterparts v)
 learn from instance-, assignment- and centre-level consistency between the modalities
 and their cross-modal neighbours, while the balancing regularizer keeps every cluster
-alive. See `semclust.losses` for the terms.
+alive. The loss is `semclust.ops.reference.stage1_loss` (the torch path) or the fused
+`semclust.ops.fused_step` (the ext backend: one call for the loss and its logit gradients).
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import fused_step as fused
-from . import ann, losses, ops
-from . import distributed as dist
-from ._io import atomic_write, load_checkpoint
-from .config import ChunkConfig, Stage1Config
+from ..config import ChunkConfig, Stage1Config
+from ..ops import fused_step
+from ..ops.fused_step import active as fused_step_active
+from ..ops.reference import PARTS, stage1_loss
+from ..runtime import distributed as dist
+from ..runtime.files import atomic_write, load_checkpoint
+from ..runtime.mmap import fingerprint, release
+from ..runtime.prefetch import prefetch
+from . import losses
 from .heads import Heads
-from .prefetch import prefetch
-from .workspace import fingerprint, release
+from .neighbours import neighbours
 
 log = logging.getLogger(__name__)
 
@@ -38,38 +42,6 @@ class Stage1Result:
     labels: Tensor  # [N] int64 fused prediction
     conf: Tensor  # [N] its probability
     history: list[dict] = field(default_factory=list)
-
-
-def neighbours(z: Tensor, k: int, chunks: ChunkConfig, out: Optional[Tensor] = None, progress: bool = False,
-               desc: str = "knn", cfg: Optional[Stage1Config] = None, rows: Optional[tuple[int, int]] = None) -> Tensor:
-    """[N, k] indices (int32 unless `out` says otherwise) of each row's k nearest other
-    rows by cosine, written `chunks.knn_queries` query rows at a time so that only
-    [chunk, k] results exist besides `out` (which may be memory-mapped). Exact, unless
-    `cfg.knn_method` is "ivf" (faiss, approximate; see `semclust.ann`). `rows` = (lo, hi)
-    answers only those queries (one rank's share), against all N rows."""
-    n = z.shape[0]
-    out = torch.empty((n, k), dtype=torch.int32) if out is None else out
-    if tuple(out.shape) != (n, k):
-        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(n, k)}")
-    if cfg is not None and cfg.knn_method == "ivf":
-        return ann.ivf_neighbours(z, k, out, cfg.knn_nlist, cfg.knn_nprobe, chunk=chunks.knn_database,
-                                  progress=progress, desc=f"{desc} (ivf)", rows=rows)
-    if cfg is not None and cfg.knn_method != "exact":
-        raise ValueError(f"knn_method must be 'exact' or 'ivf', got {cfg.knn_method!r}")
-    step = chunks.knn_queries
-    lo, hi = rows or (0, n)
-    with tqdm(total=hi - lo, desc=desc, unit="query", unit_scale=True, disable=not progress, leave=False) as bar:
-        for s in range(lo, hi, step):
-            q = z[s : min(s + step, hi)]
-            # k + 1 with the row itself, then drop it: the same lists as exclude_self,
-            # for a query chunk at any offset into the database
-            idx = ops.knn(z, k + 1, queries=q, exclude_self=False, query_chunk=step, database_chunk=chunks.knn_database)[1]
-            own = idx == torch.arange(s, s + q.shape[0], device=idx.device)[:, None]
-            own[~own.any(1), -1] = True
-            out[s : s + q.shape[0]] = idx[~own].view(q.shape[0], k).to(device=out.device, dtype=out.dtype)
-            release(z, out)  # each query chunk reads every row: let them go before the next
-            bar.update(q.shape[0])
-    return out
 
 
 def _run_signature(u: Tensor, k: int, seed: int, cfg: Stage1Config) -> str:
@@ -162,7 +134,7 @@ def train_stage1(
     centers: Optional[Tensor] = None
     history = []
     # the ext backend computes the whole loss and its logit gradients in one fused call
-    use_fused = fused.active(device) and world == 1
+    use_fused = fused_step_active(device) and world == 1
     run_id = _run_signature(u, k, seed, cfg)
     start = 0
     if checkpoint is not None and resume and Path(checkpoint).exists():
@@ -191,32 +163,20 @@ def train_stage1(
         for step, (idx, ub, un, vb, vn) in enumerate(prefetch(_gather(u, v, plan, device))):
             b = idx.numel()
             logits_i, logits_t = model(torch.cat([ub, un]), torch.cat([vb, vn]))
+            weights = state.weights() if state is not None else None
+            terms = dict(cluster_tau=cfg.cluster_tau, center_tau=cfg.center_tau, w_instance=cfg.w_instance,
+                         w_assignment=cfg.w_assignment, w_center=cfg.w_center, w_balance=w_bal)
+            target = centers if cfg.center_target else None
             if use_fused:
-                res = fused.fused_step(
-                    logits_i, logits_t, ub, vb, centers if cfg.center_target else None,
-                    state.weights() if state is not None else None, cluster_tau=cfg.cluster_tau,
-                    center_tau=cfg.center_tau, w_instance=cfg.w_instance, w_assignment=cfg.w_assignment,
-                    w_center=cfg.w_center, w_balance=w_bal,
-                )
-                if state is not None:
-                    state.update(res.marginal)
+                res = fused_step(logits_i, logits_t, ub, vb, target, weights, **terms)
                 p, q = res.probs_i[:b], res.probs_t[:b]
-                parts, loss = {name: getattr(res, name) for name in fused.PARTS}, res.loss
+                parts, loss, marginal = {name: getattr(res, name) for name in PARTS}, res.loss, res.marginal
             else:
                 p, p_n, q, q_n, ub, vb = (dist.gather_batch(t, sizes[step]) for t in (
                     *torch.softmax(logits_i, 1).split(b), *torch.softmax(logits_t, 1).split(b), ub, vb))
-                parts = {
-                    "instance": losses.instance_loss(p, q, p_n, q_n),
-                    "assignment": losses.assignment_loss(p, q, p_n, q_n, cfg.cluster_tau),
-                    "center": losses.center_loss(p, q, ub, vb, centers if cfg.center_target else None, cfg.cluster_tau, cfg.center_tau),
-                    "balance": losses.balance_loss(p, q, state),
-                }
-                loss = (
-                    cfg.w_instance * parts["instance"]
-                    + cfg.w_assignment * parts["assignment"]
-                    + cfg.w_center * parts["center"]
-                    + w_bal * parts["balance"]
-                )
+                loss, parts, marginal = stage1_loss(p, q, p_n, q_n, ub, vb, target, weights, **terms)
+            if state is not None:
+                state.update(marginal)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"stage 1 loss became {float(loss)} at epoch {epoch}; lower the learning rate")
             opt.zero_grad(set_to_none=True)

@@ -39,10 +39,10 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from . import distributed as dist
-from ._io import atomic_write, load_checkpoint
-from .config import Stage2Config
-from .data import collate_skip
+from ..config import Stage2Config
+from ..inputs.sources import collate_skip
+from ..runtime import distributed as dist
+from ..runtime.files import atomic_write, load_checkpoint
 from .heads import ClusterHead, ResidualAdapter
 
 log = logging.getLogger(__name__)

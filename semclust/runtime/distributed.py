@@ -27,10 +27,10 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 
-from . import ops
-from .ops import _validate as V
-from .ops.kmeans import _HARD_TAU  # the same hard-assignment temperature as ops.kmeans: identical labels
-from .ops.reference import KMeansResult, kmeans_pp_init
+from .. import ops
+from ..ops import validate as V
+from ..ops.kmeans import _HARD_TAU  # the same hard-assignment temperature as ops.kmeans: identical labels
+from ..ops.reference import KMeansResult, kmeans_pp_init
 
 log = logging.getLogger(__name__)
 

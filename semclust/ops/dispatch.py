@@ -19,10 +19,12 @@ BACKENDS = ("torch", "triton", "ext")
 _IMPLS: dict[str, dict[str, Callable]] = {b: {} for b in BACKENDS}
 _LOAD_ERRORS: dict[str, str] = {}
 _LOADED: set[str] = set()
+# per backend: (op, device) -> why it cannot run there, or None; set by the backend package
+_DEVICE_REASONS: dict[str, Callable[[str, torch.device], Optional[str]]] = {}
 _state = threading.local()
 
 # where each optional backend registers its implementations when imported
-_MODULES = {"triton": "semclust.kernels", "ext": "semclust.ext"}
+_MODULES = {"triton": "semclust.kernels", "ext": "semclust.csrc"}
 
 
 class BackendUnavailable(RuntimeError):
@@ -30,11 +32,28 @@ class BackendUnavailable(RuntimeError):
 
 
 def register(backend: str, op: str) -> Callable[[Callable], Callable]:
+    """Decorator: `fn` is `backend`'s implementation of `op`."""
+
     def deco(fn: Callable) -> Callable:
         _IMPLS[backend][op] = fn
         return fn
 
     return deco
+
+
+def mark_unavailable(backend: str, reason: Optional[str]) -> None:
+    """Record why a loaded backend cannot run at all (e.g. "not built"), or clear it
+    with None; `unavailable_reason` and `available_backends` report it."""
+    if reason is None:
+        _LOAD_ERRORS.pop(backend, None)
+    else:
+        _LOAD_ERRORS[backend] = reason
+
+
+def set_device_reason(backend: str, fn: Callable[[str, torch.device], Optional[str]]) -> None:
+    """Install `backend`'s check of whether it can run an op on a device: `fn(op, device)`
+    returns the reason it cannot, or None."""
+    _DEVICE_REASONS[backend] = fn
 
 
 def _load(backend: str) -> Optional[str]:
@@ -54,13 +73,15 @@ def _load(backend: str) -> Optional[str]:
     return _LOAD_ERRORS.get(backend)
 
 
-def _device_reason(backend: str, device: torch.device) -> Optional[str]:
+def _device_reason(backend: str, device: torch.device, op: Optional[str] = None) -> Optional[str]:
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"triton kernels run on CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to interpret them on CPU"
-    return None
+    hook = _DEVICE_REASONS.get(backend)
+    return hook(op, device) if hook is not None and op is not None else None
 
 
 def unavailable_reason(backend: str, op: str, device: torch.device) -> Optional[str]:
+    """Why `backend` cannot run `op` on `device` (loading it if needed), or None."""
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; choose one of {BACKENDS}"
     reason = _load(backend)
@@ -68,10 +89,11 @@ def unavailable_reason(backend: str, op: str, device: torch.device) -> Optional[
         return reason
     if op not in _IMPLS[backend]:
         return f"the {backend} backend has no implementation of {op!r}"
-    return _device_reason(backend, device)
+    return _device_reason(backend, device, op)
 
 
 def forced() -> Optional[str]:
+    """The backend forced in this thread (`use_backend`) or by `SEMCLUST_BACKEND`, else None."""
     name = getattr(_state, "forced", None)
     if name is None:
         name = os.environ.get("SEMCLUST_BACKEND") or None
@@ -79,6 +101,8 @@ def forced() -> Optional[str]:
 
 
 def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
+    """(backend name, implementation) for `op` on `device`: the forced backend, which
+    must be able to run it, else the first usable one in order of preference."""
     name = forced()
     if name is not None:
         reason = unavailable_reason(name, op, device)

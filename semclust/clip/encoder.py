@@ -26,12 +26,12 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
-from .config import ChunkConfig
-from .data import ImageSource, SkipReport, collate_skip
-from .store import (DEFAULT_SHARD_ROWS, EmbeddingStore, StoreWriter, check_same_model, is_store, open_store,
-                    sha256_file)
+from ..config import ChunkConfig
+from ..inputs.sources import ImageSource, SkipReport, collate_skip
+from ..inputs.store import DEFAULT_SHARD_ROWS, EmbeddingStore, StoreWriter, check_same_model, is_store, open_store
+from ..runtime.files import sha256_file
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # TAC's prompt ensemble for nouns (Image Clustering with External Guidance, ICML 2024)
 TEMPLATES: tuple[str, ...] = (
@@ -141,7 +141,7 @@ def _create_model(arch: str, tag: str | None, file: Path | None, device: torch.d
             return open_clip.create_model(arch, pretrained=str(file), device=device, weights_only=True)
         except Exception as e:
             raise ValueError(f"{file} is not a checkpoint for the open_clip model {arch}: {e}") from e
-    logger.warning("open_clip model %s has random weights: only for tests", arch)
+    log.warning("open_clip model %s has random weights: only for tests", arch)
     return open_clip.create_model(arch, device=device)
 
 
@@ -258,7 +258,7 @@ class ClipEncoder:
             kept.append(batch.kept)
             report.update(source.items, batch.kept, batch.skipped)
         if report.count:
-            logger.warning("%s", report)
+            log.warning("%s", report)
         embeddings = torch.cat(parts) if parts else torch.empty((0, self.dim), dtype=torch.float16)
         return EncodeResult(embeddings, torch.cat(kept) if kept else torch.empty(0, dtype=torch.long), report)
 
@@ -275,7 +275,7 @@ class ClipEncoder:
         if is_store(out_dir):
             meta = check_same_model(out_dir, self.name, self.pretrained, self.checkpoint_sha256, self.dim)
             if meta["complete"]:
-                logger.info("the store at %s is already complete (%d rows)", out_dir, meta["count"])
+                log.info("the store at %s is already complete (%d rows)", out_dir, meta["count"])
                 return StoredEncoding(open_store(out_dir, verify=False), SkipReport())
         writer = StoreWriter(out_dir, self.name, self.pretrained, self.checkpoint_sha256, self.dim, shard_rows)
         self._check_resume(writer, source)
@@ -286,7 +286,7 @@ class ClipEncoder:
             report.update(source.items, batch.kept, batch.skipped)
         writer.close(source_consumed=len(source))
         if report.count:
-            logger.warning("skipped %d unreadable images: %s", report.count, report)
+            log.warning("skipped %d unreadable images: %s", report.count, report)
         return StoredEncoding(open_store(out_dir, verify=False), report)
 
     @staticmethod
@@ -299,7 +299,7 @@ class ClipEncoder:
         if consumed > len(source) or source.items[consumed - 1] != last:
             raise ValueError(f"the incomplete store at {writer.path} was written from another source "
                              f"(its row {writer.done_rows - 1} is {last!r}); use another output directory")
-        logger.info("resuming at source item %d of %d", consumed, len(source))
+        log.info("resuming at source item %d of %d", consumed, len(source))
 
     # ---- stage-2 fine-tuning ------------------------------------------------------------
 

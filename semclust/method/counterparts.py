@@ -20,10 +20,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import distributed as dist
-from . import ops
-from .config import ChunkConfig, CounterpartConfig, SemanticSpaceConfig
-from .workspace import release
+from .. import ops
+from ..config import ChunkConfig, CounterpartConfig, SemanticSpaceConfig
+from ..runtime import distributed as dist
+from ..runtime.mmap import release
 
 log = logging.getLogger(__name__)
 

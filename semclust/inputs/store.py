@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._io import TMP_PREFIX, atomic_write, sha256_file
+from ..runtime.files import TMP_PREFIX, atomic_write, sha256_file
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 FORMAT = "semclust-embeddings/1"
 MANIFEST = "manifest.json"
@@ -146,7 +146,7 @@ class StoreWriter:
         for stale in self.path.glob(TMP_PREFIX + "*"):
             # temp files of a writer that died mid-shard; the manifest never names them
             stale.unlink()
-        logger.info("resuming the store at %s after %d rows", self.path, meta["count"])
+        log.info("resuming the store at %s after %d rows", self.path, meta["count"])
         return meta
 
     @property
@@ -343,6 +343,6 @@ def open_store(path: str | os.PathLike, verify: bool = True) -> EmbeddingStore:
         shards.append(array)
         items.extend(shard_items)
     if not meta["complete"]:
-        logger.warning("the store at %s is incomplete (%d rows so far): its writer was interrupted",
+        log.warning("the store at %s is incomplete (%d rows so far): its writer was interrupted",
                        path, meta["count"])
     return EmbeddingStore(path, meta, shards, items)

@@ -20,14 +20,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .encode import TEMPLATES, TEXT_BATCH
+from ..runtime.files import atomic_save_tensors
+from .encoder import TEMPLATES, TEXT_BATCH
 
 if TYPE_CHECKING:
-    from .encode import ClipEncoder
+    from .encoder import ClipEncoder
 
-from ._io import atomic_save_tensors
-
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # timm ships the lemmas of all ImageNet-21k synsets: "n01443537<TAB>goldfish, Carassius auratus"
 _TIMM_LEMMAS = ("_info", "imagenet_synset_to_lemma.txt")
@@ -132,10 +131,10 @@ def _load_cached(file: Path, shape: tuple[int, int]) -> torch.Tensor | None:
     try:
         tensor = load_file(file)[_CACHE_KEY]
     except (OSError, SafetensorError, KeyError) as e:
-        logger.warning("ignoring unreadable noun cache %s (%s)", file, e)
+        log.warning("ignoring unreadable noun cache %s (%s)", file, e)
         return None
     if tuple(tensor.shape) != shape or tensor.dtype != torch.float32 or not torch.isfinite(tensor).all():
-        logger.warning("ignoring noun cache %s: holds %s %s, expected float32 %s",
+        log.warning("ignoring noun cache %s: holds %s %s, expected float32 %s",
                        file, tensor.dtype, tuple(tensor.shape), shape)
         return None
     return tensor
@@ -163,7 +162,7 @@ def embed_nouns(encoder: "ClipEncoder", nouns: Sequence[str], cache_dir: str | o
     if file.is_file():
         cached = _load_cached(file, shape)
         if cached is not None:
-            logger.info("noun embeddings from cache %s", file)
+            log.info("noun embeddings from cache %s", file)
             return cached
     embeddings = encoder.encode_texts(nouns, templates, batch_size, progress)
     _save_cached(file, embeddings, encoder)

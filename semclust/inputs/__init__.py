@@ -1,0 +1,1 @@
+"""Inputs: image sources (the `Source` contract), benchmark readers, embedding files, the store."""
