@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from semclust import ops, tac
+from semclust import ops
+from semclust.method import tac
 from semclust.metrics import cluster_accuracy
 from semclust.synthetic import make_scenario
 
