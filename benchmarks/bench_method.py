@@ -93,8 +93,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--stage2-epochs", type=int, default=10)
     p.add_argument("--imbalance", type=float, default=1.0, help="largest / smallest class size")
     p.add_argument("--only", help="semicolon-separated stage-1 variant names to run (skips the adapter run)")
+    p.add_argument("--quick", action="store_true", help="one seed, n=2000, 10 + 3 epochs (a smoke run)")
     p.add_argument("--json")
     a = p.parse_args(argv)
+    if a.quick:
+        a.seeds, a.n, a.epochs, a.stage2_epochs = 1, 2000, 10, 3
     res = run(a.seeds, a.n, a.epochs, a.stage2_epochs, a.imbalance, a.only)
     print(f"synthetic set, n={a.n}, imbalance {a.imbalance}, {a.seeds} seeds, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'variant':28s} {'ACC':>14s} {'NMI':>14s} {'ARI':>14s} {'seconds':>8s}")

@@ -85,7 +85,7 @@ def run_ours(store: Path, k: int, kmeans_iters: int, restarts: int, epochs: int,
 
     cfg = Config()
     cfg.semantic.kmeans_iters, cfg.semantic.kmeans_restarts = kmeans_iters, restarts
-    cfg.stage1.epochs, cfg.stage1.knn_method = epochs, knn
+    cfg.stage1.epochs, cfg.neighbours.method = epochs, knn
     if reuse:  # keep the finished counterparts / kNN files, train stage 1 again
         (work / "stage1.ckpt").unlink(missing_ok=True)
     model = SemanticClusterer(k, clip=None, nouns=noun_bank(), stage=1, config=cfg, device="cpu",
@@ -102,7 +102,8 @@ def run_ours(store: Path, k: int, kmeans_iters: int, restarts: int, epochs: int,
 def run_faiss(store: Path, k_means: int, kmeans_iters: int, knn_k: int, knn: str) -> dict:
     import faiss
 
-    from semclust.method import neighbours as ann
+    from semclust.config import NeighbourConfig
+    from semclust.method import neighbours
     from semclust.runtime.report import peak_rss_mb
     from semclust.inputs.store import open_store
 
@@ -120,7 +121,7 @@ def run_faiss(store: Path, k_means: int, kmeans_iters: int, knn_k: int, knn: str
         for q in range(0, len(x), 65536):
             index.search(x[q : q + 65536], knn_k + 1)
     else:
-        ann.ivf_neighbours(torch.from_numpy(x), knn_k, torch.empty((len(x), knn_k), dtype=torch.int32))
+        neighbours.knn_lists(torch.from_numpy(x), knn_k, cfg=NeighbourConfig(method="ivf"))
     out["knn_seconds_one_modality"] = time.perf_counter() - t0
     out["peak_rss_mb"] = peak_rss_mb()
     return out

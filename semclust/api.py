@@ -3,65 +3,60 @@
 >>> model = SemanticClusterer(n_clusters=10, clip="ViT-B-32", pretrained="/path/ckpt.pt")
 >>> labels = model.fit_predict("images/")           # folder, list of paths, or a Dataset
 >>> labels = model.fit_predict(U, nouns=T)          # CLIP embeddings [N, D] and nouns [W, D]
+
+The estimator keeps its parameters verbatim, checks them (and the config) before any
+work, delegates the fit to `semclust.pipeline` and prediction and persistence to the
+fitted model (`semclust.model`), and builds every learned attribute afresh each fit.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
+import inspect
 import numbers
-import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from . import ops
+from . import model as fitted
+from . import ops, pipeline
 from .config import Config
-from .inputs.classify import InputLike, Inputs, as_inputs
-from .inputs.sources import KeptSource, SkipReport, TensorSource, collate_skip
-from .inputs.store import EmbeddingStore
-from .method import counterparts, neighbours, stage1, stage2
-from .method.heads import ClusterHead, Heads
+from .inputs.classify import InputLike, as_inputs
 from .runtime.distributed import is_distributed
-from .runtime.files import atomic_save_tensors, atomic_write, sha256_file
-from .runtime.mmap import as_tensor, fingerprint, release
-from .runtime.report import Phases
-from .runtime.workspace import Workspace
+from .runtime.mmap import as_tensor, release
 
-log = logging.getLogger(__name__)
-
-MODEL_FORMAT = "semclust-model/1"
-CONFIG_FILE = "semclust.json"
-WEIGHTS_FILE = "weights.safetensors"
+CONFIG_FILE, WEIGHTS_FILE = fitted.CONFIG_FILE, fitted.WEIGHTS_FILE
 
 
-@torch.no_grad()
-def _encode(encoder: Any, source: Dataset, batch_size: int, progress: bool) -> tuple[Tensor, Tensor, SkipReport]:
-    """Features of every readable item on the plain view: (U [n, D] float32, kept [n], report)."""
-    source.transform = encoder.view_transform("eval")
-    report = SkipReport()
-    feats, kept_all = [], []
-    loader = DataLoader(source, batch_size=batch_size, shuffle=False, collate_fn=collate_skip)
-    for batch, kept, skipped in tqdm(loader, desc="encode", unit="batch", disable=not progress, leave=False):
-        report.update(source.items, kept, skipped)
-        if batch is not None:
-            feats.append(encoder.image_features(batch).float().cpu())
-            kept_all.append(kept)
-    if not feats:
-        raise ValueError(f"none of the {len(source)} inputs could be read: {report}")
-    if report.count:
-        log.warning("%s", report)
-    return torch.cat(feats), torch.cat(kept_all), report
+class ClusterCollapseWarning(UserWarning):
+    """A fit left some of the `n_clusters` clusters without a member."""
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+# parameter -> (check, what it must be); checked at the top of `fit`, like scikit-learn's
+# `_parameter_constraints`
+_PARAMETER_CONSTRAINTS: dict[str, tuple[Any, str]] = {
+    "n_clusters": (lambda x: _is_int(x) and x >= 2, "an int >= 2"),
+    "clip": (lambda x: x is None or isinstance(x, (str, os.PathLike)) or callable(getattr(x, "image_features", None)),
+             "an open_clip name, a model-config .json, an encoder object with image_features, or None (embeddings)"),
+    "pretrained": (lambda x: x is None or isinstance(x, (str, os.PathLike)), "a tag, a checkpoint path or None"),
+    "nouns": (lambda x: x is not None, "'default', 'wordnet', a file, a list of words or embeddings [W, D]"),
+    "stage": (lambda x: _is_int(x) and x in (1, 2), "1 or 2"),
+    "config": (lambda x: x is None or isinstance(x, Config), "a semclust.config.Config or None"),
+    "device": (lambda x: x is None or isinstance(x, (str, torch.device)), "a device name or None"),
+    "seed": (lambda x: _is_int(x) and x >= 0, "an int >= 0"),
+    "progress": (lambda x: isinstance(x, bool), "True or False"),
+    "checkpoint_dir": (lambda x: x is None or isinstance(x, (str, os.PathLike)), "a directory or None"),
+    "resume": (lambda x: isinstance(x, bool), "True or False"),
+}
 
 
 class SemanticClusterer:
@@ -74,10 +69,13 @@ class SemanticClusterer:
     Parameters are stored verbatim; `fit` does the work. Learned attributes:
     ``labels_`` [N] (-1 for unreadable images), ``confidences_`` [N],
     ``cluster_centers_`` [K, D], ``history_`` (per-phase metrics and timings),
-    ``stage1_labels_`` [N], ``skipped_`` (unreadable inputs), ``mode_``.
+    ``stage1_labels_`` [N], ``skipped_`` (unreadable inputs), ``mode_`` and ``model_``
+    (the fitted `semclust.model` object: "stage1", "adapter" or "encoder").
+    `get_params` / `set_params` follow scikit-learn, so `sklearn.base.clone` and grid
+    search work; a fit that leaves clusters empty warns with `ClusterCollapseWarning`.
 
     Args:
-        n_clusters: K >= 2.
+        n_clusters: K >= 2 (the only positional parameter).
         clip: an open_clip model name, a model-config .json, or an encoder object with
             ``image_features``, ``tail_parameters`` and ``view_transform`` (see stage2).
         pretrained: open_clip pretrained tag or local checkpoint file (None: random, tests).
@@ -96,6 +94,7 @@ class SemanticClusterer:
     def __init__(
         self,
         n_clusters: int = 10,
+        *,
         clip: Any = "ViT-B-32",
         pretrained: Optional[str] = "openai",
         nouns: Any = "default",
@@ -119,14 +118,32 @@ class SemanticClusterer:
         self.checkpoint_dir = checkpoint_dir
         self.resume = resume
 
-    # ---- fitting -----------------------------------------------------------------------
+    # ---- parameters (scikit-learn conventions) -----------------------------------------
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor parameters by name (`deep` is accepted for scikit-learn)."""
+        return {name: getattr(self, name) for name in _PARAMETER_CONSTRAINTS}
+
+    def set_params(self, **params: Any) -> "SemanticClusterer":
+        """Set constructor parameters by name; unknown names raise ValueError."""
+        unknown = set(params) - set(_PARAMETER_CONSTRAINTS)
+        if unknown:
+            raise ValueError(f"unknown parameters {sorted(unknown)} for SemanticClusterer; "
+                             f"valid: {sorted(_PARAMETER_CONSTRAINTS)}")
+        for name, value in params.items():
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self) -> str:
+        defaults = {n: q.default for n, q in inspect.signature(type(self).__init__).parameters.items()}
+        shown = {k: v for k, v in self.get_params().items() if k == "n_clusters" or v is not defaults.get(k) and v != defaults.get(k)}
+        return f"SemanticClusterer({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     def _check_params(self) -> None:
-        k = self.n_clusters
-        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 2:
-            raise ValueError(f"n_clusters must be an int >= 2, got {k!r}")
-        if self.stage not in (1, 2):
-            raise ValueError(f"stage must be 1 or 2, got {self.stage!r}")
+        for name, (ok, what) in _PARAMETER_CONSTRAINTS.items():
+            value = getattr(self, name)
+            if not ok(value):
+                raise ValueError(f"{name} must be {what}, got {value!r}")
 
     def _device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -140,20 +157,7 @@ class SemanticClusterer:
             self._clip_encoder = ClipEncoder.load(self.clip, self.pretrained, device=self._device())
         return self._clip_encoder
 
-    def _noun_bank(self, nouns: Any, dim: int) -> Tensor:
-        if isinstance(nouns, (np.ndarray, Tensor)):
-            t = torch.as_tensor(nouns).float()
-            ops.validate.matrix("nouns", t, cols=dim)
-            return torch.nn.functional.normalize(t, dim=1)
-        encoder = self._encoder()
-        if not hasattr(encoder, "encode_texts"):
-            raise TypeError("word nouns need a CLIP text tower: pass noun embeddings [W, D] with a custom encoder")
-        from .clip.vocab import embed_nouns, load_nouns
-
-        t = embed_nouns(encoder, load_nouns(nouns), progress=self.progress)
-        if t.shape[1] != dim:
-            raise ValueError(f"noun embeddings have dim {t.shape[1]} but image features have {dim}")
-        return t
+    # ---- fitting -----------------------------------------------------------------------
 
     def fit(self, X: InputLike, y: Any = None, nouns: Any = None) -> "SemanticClusterer":
         """Fit on images or embeddings (see the class doc); `y` is ignored (sklearn API).
@@ -172,153 +176,32 @@ class SemanticClusterer:
                 return self._fit(inputs, nouns, Path(tmp))
         return self._fit(inputs, nouns, None if self.checkpoint_dir is None else Path(self.checkpoint_dir))
 
-    def _fit(self, inputs: Inputs, nouns: Any, work_dir: Optional[Path]) -> "SemanticClusterer":
+    def _fit(self, inputs: Any, nouns: Any, work_dir: Optional[Path]) -> "SemanticClusterer":
         cfg = self.config or Config()
-        device = self._device()
         k = int(self.n_clusters)
-        phases = Phases()
-        encoder = None
-        with phases("encode"):
-            if inputs.source is not None:
-                encoder = self._encoder()
-                u, kept, report = _encode(encoder, inputs.source, cfg.chunks.encode_batch, self.progress)
-                n_total = len(inputs.source)
-            elif inputs.store is not None:
-                n_total, report = len(inputs.store), SkipReport()
-                kept = torch.arange(n_total)
-                u = None
-            else:
-                u, n_total, report = inputs.embeddings, inputs.embeddings.shape[0], SkipReport()
-                kept = torch.arange(n_total)
-            if u is not None:
-                ops.validate.matrix("embeddings", u)
-            n = kept.numel()
-            if k > n:
-                raise ValueError(f"n_clusters={k} is larger than the number of samples ({n})")
-            if u is not None:
-                # fp16 rows stay fp16 (half the memory; every op reads them chunk by chunk) and,
-                # when already unit-norm (a store's rows), exactly as given
-                if u.dtype != torch.float16 or not ops.validate.unit_rows(u, cfg.chunks.assign):
-                    u = torch.nn.functional.normalize(u if u.dtype == torch.float16 else u.float(), dim=1)
-                u = u.to(device)
-            bank_all = self._noun_bank(self.nouns if nouns is None else nouns, inputs.store.dim if u is None else u.shape[1])
-            ws = Workspace(work_dir, self._run_id(inputs, u, bank_all, cfg), fresh=not self.resume)
-            if u is None:
-                u = self._store_rows(inputs.store, ws, cfg).to(device)
-        d = u.shape[1]
-        bank_all = bank_all.to(device)
-
-        with phases("kmeans"):
-            space = counterparts.select_nouns(u, bank_all, k, cfg.semantic, seed=self.seed, chunks=cfg.chunks,
-                                              progress=self.progress)
-            bank = space.bank(bank_all)
-            release(u)
-        with phases("counterparts"):
-            v = ws.get("counterparts")
-            if v is None:
-                v = ws.fill("counterparts", (n, d), u.dtype, lambda out, lo, hi: counterparts.text_counterparts(
-                    u, bank, cfg.counterparts, cfg.chunks, out=out, progress=self.progress, rows=(lo, hi)))
-            v = v.to(device)
-        kk = min(cfg.stage1.knn_k, n - 1)
-        lists = {}
-        with phases("knn"):
-            for name, z in (("knn_image", u), ("knn_text", v)):
-                got = ws.get(name)
-                if got is None:
-                    got = ws.fill(name, (n, kk), torch.int32, lambda out, lo, hi, z=z, name=name: neighbours.neighbours(
-                        z, kk, cfg.chunks, out=out, progress=self.progress, desc=name.replace("_", " "), cfg=cfg.stage1,
-                        rows=(lo, hi)))
-                lists[name] = got
-            if cfg.stage1.knn_method != "exact" and cfg.stage1.knn_recall_sample:
-                recall = {name: neighbours.recall_at_k(z, lists[name], kk, cfg.stage1.knn_recall_sample, seed=self.seed,
-                                                database_chunk=cfg.chunks.knn_database)
-                          for name, z in (("knn_image", u), ("knn_text", v))}
-                log.info("approximate kNN recall@%d: %s", kk, recall)
-        release(u, v)
-        with phases("stage1"):
-            ckpt = ws.path("stage1.ckpt")
-            r1 = stage1.train_stage1(u, v, k, cfg.stage1, seed=self.seed, chunks=cfg.chunks, progress=self.progress,
-                                     image_neighbours=lists["knn_image"], text_neighbours=lists["knn_text"],
-                                     checkpoint=ckpt, resume=self.resume)
-        self.heads_, self.noun_bank_ = r1.heads, bank
-        self.stage1_labels_ = self._scatter(r1.labels, kept, n_total)
-        labels, conf = r1.labels, r1.conf
-        self.mode_, self.head_, self.tuned_ = "stage1", None, None
-
-        if self.stage == 2:
-            with phases("stage2"):
-                if inputs.source is not None:
-                    # tune a copy: the user's encoder object and the cached pristine CLIP stay as
-                    # they were, so a second fit starts from the same weights as the first
-                    tunable = copy.deepcopy(encoder)
-                    source, mode = KeptSource(inputs.source, kept), "encoder"
-                else:
-                    source, tunable, mode = TensorSource(u.cpu()), stage2.FeatureAdapter(d, cfg.stage2).to(device), "adapter"
-                head = copy.deepcopy(r1.heads.image)
-                ckpt2 = ws.path("stage2.ckpt")
-                r2 = stage2.train_stage2(tunable, source, head, r1.labels, r1.conf, k, cfg.stage2, mode=mode,
-                                         seed=self.seed, progress=self.progress, checkpoint=ckpt2, resume=self.resume)
-            self.mode_, self.head_, self.tuned_ = mode, r2.head, tunable
-            module = getattr(tunable, "model", tunable)
-            self._tuned_keys = [n_ for n_, q in module.named_parameters() if q.requires_grad]
-            labels, conf = r2.labels.to(device), r2.conf.to(device)
-            centers = r2.centers
-            self.stage2_history_ = r2.history
-        else:
-            centers, _ = ops.center_update(u, k, labels=labels.to(u.device))
-        self.cluster_centers_ = centers.float().cpu().numpy()
-        self.labels_ = self._scatter(labels, kept, n_total)
-        self.confidences_ = self._scatter(conf, kept, n_total, fill=0.0, dtype=np.float32)
-        self.skipped_ = report
-        self.n_features_in_ = d
-        self.history_ = {
-            "stage1": r1.history,
-            "stage2": getattr(self, "stage2_history_", []),
-            "seconds": phases.seconds,
-            "phases": phases.rows,
-            "kmeans_objective": space.kmeans_objective,
-            "nouns_total": int(bank_all.shape[0]),
-            "nouns_selected": int(bank.shape[0]),
-            "skipped": report.count,
-            "knn_recall": recall if cfg.stage1.knn_method != "exact" and cfg.stage1.knn_recall_sample else None,
-        }
-        log.info("fit phases:\n%s", phases.table())
+        r = pipeline.fit(inputs, k=k, stage=self.stage, cfg=cfg, seed=self.seed, device=self._device(),
+                         encoder=self._encoder, nouns=self.nouns if nouns is None else nouns, work_dir=work_dir,
+                         resume=self.resume, progress=self.progress,
+                         keep_all_encoder_weights=self.pretrained is None or not isinstance(self.clip, (str, os.PathLike)))
+        self.model_ = r.model
+        self.mode_ = r.model.kind
+        self.stage1_labels_ = _scatter(r.stage1_labels, r.kept, r.n_total)
+        self.labels_ = _scatter(r.labels, r.kept, r.n_total)
+        self.confidences_ = _scatter(r.conf, r.kept, r.n_total, fill=0.0, dtype=np.float32)
+        self.cluster_centers_ = r.centers.float().cpu().numpy()
+        self.skipped_ = r.report
+        self.n_features_in_ = r.dim
+        self.history_ = r.history
         self._config = cfg
+        sizes = np.bincount(self.labels_[self.labels_ >= 0], minlength=k)
+        if (sizes == 0).any():
+            empty = np.flatnonzero(sizes == 0).tolist()
+            warnings.warn(
+                f"{len(empty)} of {k} clusters are empty after the fit (clusters {empty[:10]}"
+                f"{'...' if len(empty) > 10 else ''}): fewer distinct clusters than n_clusters; a larger "
+                "config.stage1.w_balance, balance='fixed' or a smaller n_clusters may help",
+                ClusterCollapseWarning, stacklevel=3)
         return self
-
-    def _run_id(self, inputs: Inputs, u: Optional[Tensor], bank: Tensor, cfg: Config) -> str:
-        """What a workspace must match to be reused: the data, the nouns, K, the seed and
-        the settings of the phases it caches."""
-        data = inputs.store.fingerprint() if inputs.store is not None else fingerprint(u)
-        knn = {f: getattr(cfg.stage1, f) for f in ("knn_k", "knn_method", "knn_nlist", "knn_nprobe")}
-        settings = {"k": int(self.n_clusters), "seed": self.seed, "semantic": cfg.to_dict()["semantic"],
-                    "counterparts": cfg.to_dict()["counterparts"], "knn": knn,
-                    "data": data, "nouns": fingerprint(bank)}
-        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-    @staticmethod
-    def _store_rows(store: EmbeddingStore, ws: Workspace, cfg: Config) -> Tensor:
-        """The store's rows as one [N, D] fp16 tensor without reading them into memory: the
-        one shard itself, or the shards copied into one memory-mapped workspace file."""
-        if store.shard_count == 1:
-            return as_tensor(store.shard(0))
-        got = ws.get("images")
-        if got is not None:
-            return got
-
-        def copy_rows(out: Tensor, lo: int, hi: int) -> None:
-            for s in range(lo, hi, cfg.chunks.assign):
-                e = min(s + cfg.chunks.assign, hi)
-                out[s:e] = torch.from_numpy(store.rows(s, e))
-                release(out, *(store.shard(i) for i in range(store.shard_count)))
-
-        return ws.fill("images", (len(store), store.dim), torch.float16, copy_rows)
-
-    @staticmethod
-    def _scatter(values: Tensor, kept: Tensor, n: int, fill: float = -1, dtype: Any = np.int64) -> np.ndarray:
-        out = np.full(n, fill, dtype=dtype)
-        out[kept.cpu().numpy()] = values.detach().cpu().numpy().astype(dtype)
-        return out
 
     def fit_predict(self, X: InputLike, y: Any = None, nouns: Any = None) -> np.ndarray:
         """`fit(X)` then `labels_` ([N] int64; -1 marks unreadable images)."""
@@ -327,7 +210,7 @@ class SemanticClusterer:
     # ---- prediction --------------------------------------------------------------------
 
     def _check_fitted(self) -> None:
-        if not hasattr(self, "heads_"):
+        if not hasattr(self, "model_"):
             raise RuntimeError("this SemanticClusterer is not fitted yet: call fit() or load() first")
 
     def _features_for_prediction(self, X: InputLike) -> tuple[list[Tensor], Tensor, int]:
@@ -336,11 +219,11 @@ class SemanticClusterer:
         self._check_fitted()
         cfg = self._config
         inputs = as_inputs(X)
-        if inputs.source is None and self.mode_ == "encoder":
+        if inputs.source is None and self.mode_ == fitted.EncoderModel.kind:
             raise ValueError("this model fine-tuned its image encoder: predict from images, not embeddings")
         if inputs.source is not None:
-            encoder = self.tuned_ if self.mode_ == "encoder" else self._encoder()
-            u, kept, _ = _encode(encoder, inputs.source, cfg.chunks.encode_batch, self.progress)
+            encoder = self.model_.image_encoder(self._encoder())
+            u, kept, _ = pipeline.encode_source(encoder, inputs.source, cfg.chunks.encode_batch_size, self.progress)
             blocks, n = [u], len(inputs.source)
         elif inputs.store is not None:
             store = inputs.store
@@ -358,22 +241,13 @@ class SemanticClusterer:
     @torch.no_grad()
     def _proba_chunks(self, blocks: list[Tensor]) -> Iterator[Tensor]:
         """[chunk, K] probabilities, one row chunk at a time (never all N x K at once)."""
-        cfg = self._config
-        step = cfg.chunks.assign
+        step = self._config.chunks.assign
         device = self._device()
         for u in blocks:
             for s in range(0, u.shape[0], step):
                 uc = torch.nn.functional.normalize(u[s : s + step].to(device).float(), dim=1)
                 release(u)
-                if self.mode_ == "stage1":
-                    # the text head's input is needed only when both heads predict
-                    v = (counterparts.text_counterparts(uc, self.noun_bank_, cfg.counterparts, cfg.chunks)
-                         if cfg.stage1.predict_with == "both" else None)
-                    yield self.heads_.predict_proba(uc, v)
-                else:
-                    z = self.tuned_.image_features(uc) if self.mode_ == "adapter" else uc
-                    self.head_.eval()
-                    yield torch.softmax(self.head_(z), dim=1)
+                yield self.model_.proba(uc)
 
     def predict_proba(self, X: InputLike) -> np.ndarray:
         """[N, K] cluster probabilities (rows of unreadable images are NaN)."""
@@ -386,126 +260,59 @@ class SemanticClusterer:
         """[N] cluster ids (-1 for unreadable images), computed chunk by chunk."""
         blocks, kept, n = self._features_for_prediction(X)
         labels = torch.cat([p.argmax(1).cpu() for p in self._proba_chunks(blocks)])
-        return self._scatter(labels, kept, n)
+        return _scatter(labels, kept, n)
 
     # ---- persistence -------------------------------------------------------------------
 
-    def _tuned_state(self) -> dict[str, Tensor]:
-        if self.mode_ == "adapter":
-            return {f"adapter.{k}": v for k, v in self.tuned_.state_dict().items()}
-        if self.mode_ == "encoder":
-            module = getattr(self.tuned_, "model", self.tuned_)
-            if self.pretrained is None or not isinstance(self.clip, (str, os.PathLike)):
-                # random or user-made weights cannot be rebuilt from a name: keep all of them
-                return {f"encoder.{k}": v for k, v in module.state_dict().items()}
-            state = module.state_dict()
-            return {f"encoder.{n}": state[n] for n in self._tuned_keys}
-        return {}
-
-    def _clip_record(self) -> tuple[str, Optional[str], Optional[str]]:
-        """(name, pretrained, sha256) as the loaded encoder resolved them (absolute paths),
-        so a saved run works from any directory and notices a changed checkpoint."""
+    def _clip_record(self) -> tuple[Optional[str], Optional[str], Optional[str], Optional[str]]:
+        """(name, pretrained, sha256, custom class) as the loaded encoder resolved them
+        (absolute paths), so a saved run works from any directory and notices a changed
+        checkpoint; a custom encoder object is recorded by its class name only."""
+        if not isinstance(self.clip, (str, os.PathLike)):
+            return None, None, None, type(self.clip).__name__
         enc = getattr(self, "_clip_encoder", None)
         if enc is None:
-            return str(self.clip), self.pretrained, None
-        return enc.name, enc.pretrained, enc.checkpoint_sha256
+            return str(self.clip), self.pretrained, None, None
+        return enc.name, enc.pretrained, enc.checkpoint_sha256, None
 
     def save(self, path: Union[str, os.PathLike]) -> Path:
-        """Write the fitted model to directory `path` (safetensors weights + JSON), atomically
-        per file, the JSON last and carrying the weights' sha256."""
+        """Write the fitted model to directory `path` (`semclust.model` owns the format:
+        safetensors weights + JSON, atomically per file, the JSON last)."""
         self._check_fitted()
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {f"heads.{k}": v for k, v in self.heads_.state_dict().items()}
-        if self.head_ is not None:
-            tensors.update({f"head2.{k}": v for k, v in self.head_.state_dict().items()})
-        tensors.update(self._tuned_state())
-        tensors["noun_bank"] = self.noun_bank_
-        tensors["cluster_centers"] = torch.from_numpy(self.cluster_centers_)
-        tensors["labels"] = torch.from_numpy(self.labels_)
-        tensors["confidences"] = torch.from_numpy(self.confidences_)
-        atomic_save_tensors(out / WEIGHTS_FILE, tensors)
-        custom = not isinstance(self.clip, (str, os.PathLike))
-        meta = {
-            "format": MODEL_FORMAT,
-            "params": {
-                "n_clusters": self.n_clusters, "stage": self.stage, "seed": self.seed,
-                "clip": None if custom else self._clip_record()[0], "pretrained": None if custom else self._clip_record()[1],
-                "checkpoint_sha256": None if custom else self._clip_record()[2],
-                "custom_encoder": type(self.clip).__name__ if custom else None,
-            },
-            "mode": self.mode_,
-            "dim": self.n_features_in_,
-            "config": self._config.to_dict(),
-            "history": self.history_,
-            "weights_sha256": sha256_file(out / WEIGHTS_FILE),
-        }
-        blob = json.dumps(meta, indent=2, default=float).encode()
-        atomic_write(out / CONFIG_FILE, lambda f: f.write(blob))
-        return out
+        name, pretrained, sha, custom = self._clip_record()
+        params = {"n_clusters": self.n_clusters, "stage": self.stage, "seed": self.seed, "clip": name,
+                  "pretrained": pretrained, "checkpoint_sha256": sha, "custom_encoder": custom}
+        return fitted.save(path, self.model_, params=params, dim=self.n_features_in_, history=self.history_,
+                           cluster_centers=self.cluster_centers_, labels=self.labels_, confidences=self.confidences_)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], clip: Any = None, device: Optional[str] = None) -> "SemanticClusterer":
         """Load a model written by `save`. A model that fine-tuned a custom encoder object
         needs that object (same architecture) as `clip`; open_clip models are rebuilt
         from the recorded name and weights."""
-        root = Path(path)
-        cfile, wfile = root / CONFIG_FILE, root / WEIGHTS_FILE
-        if not cfile.is_file() or not wfile.is_file():
-            raise ValueError(f"{root} is not a semclust model directory (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-        try:
-            meta = json.loads(cfile.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{cfile} is not valid JSON: {e}") from None
-        if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
-            raise ValueError(f"{cfile} is not a {MODEL_FORMAT} file (format={meta.get('format') if isinstance(meta, dict) else None!r})")
-        if sha256_file(wfile) != meta["weights_sha256"]:
-            raise ValueError(f"{wfile} does not match its {CONFIG_FILE} (checksum mismatch): the model directory is corrupt or mixed")
-        try:
-            t = load_file(wfile)
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{wfile} is not a readable safetensors file: {e}") from None
-        p = meta["params"]
-        if p["custom_encoder"] and clip is None and meta["mode"] == "encoder":
+        loaded = fitted.read(path)
+        meta, p = loaded.meta, loaded.meta["params"]
+        if p["custom_encoder"] and clip is None and meta["mode"] == fitted.EncoderModel.kind:
             raise ValueError(f"this model fine-tuned a custom {p['custom_encoder']}: pass it as load(path, clip=encoder)")
-        cfg = Config.from_dict(meta["config"])
-        model = cls(n_clusters=p["n_clusters"], clip=clip if clip is not None else p["clip"], pretrained=p["pretrained"],
-                    stage=p["stage"], config=cfg, device=device, seed=p["seed"])
-        dev = model._device()
-        dim, k = meta["dim"], p["n_clusters"]
-        model.heads_ = Heads(dim, k, cfg.stage1.hidden)
-        model.heads_.load_state_dict(_prefixed(t, "heads."))
-        model.heads_.to(dev).eval()
-        model.mode_, model.head_, model.tuned_ = meta["mode"], None, None
-        if model.mode_ != "stage1":
-            model.head_ = ClusterHead(dim, k, cfg.stage1.hidden)
-            model.head_.load_state_dict(_prefixed(t, "head2."))
-            model.head_.to(dev).eval()
-        if model.mode_ == "adapter":
-            model.tuned_ = stage2.FeatureAdapter(dim, cfg.stage2)
-            model.tuned_.load_state_dict(_prefixed(t, "adapter."))
-            model.tuned_.to(dev).eval()
-        if p.get("checkpoint_sha256") and not p["custom_encoder"] and model.mode_ != "adapter":
-            found = model._encoder().checkpoint_sha256
-            if found != p["checkpoint_sha256"]:
-                raise ValueError(f"the CLIP checkpoint {p['pretrained']} changed since this model was saved (sha256 differs)")
-        if model.mode_ == "encoder":
-            model.tuned_ = copy.deepcopy(model._encoder())
-            module = getattr(model.tuned_, "model", model.tuned_)
-            tuned = _prefixed(t, "encoder.")
-            model._tuned_keys = list(tuned)
-            missing = module.load_state_dict(tuned, strict=False)
-            if missing.unexpected_keys:
-                raise ValueError(f"the saved encoder weights do not fit {type(model.tuned_).__name__}: {missing.unexpected_keys[:3]}")
-        model.noun_bank_ = t["noun_bank"].to(dev)
+        model = cls(p["n_clusters"], clip=clip if clip is not None else p["clip"], pretrained=p["pretrained"],
+                    stage=p["stage"], config=loaded.config, device=device, seed=p["seed"])
+        needs_encoder = not p["custom_encoder"] and meta["mode"] != fitted.AdapterModel.kind
+        if p.get("checkpoint_sha256") and needs_encoder and model._encoder().checkpoint_sha256 != p["checkpoint_sha256"]:
+            raise ValueError(f"the CLIP checkpoint {p['pretrained']} changed since this model was saved (sha256 differs)")
+        encoder = model._encoder() if meta["mode"] == fitted.EncoderModel.kind else None
+        model.model_ = fitted.build(loaded, model._device(), encoder)
+        model.mode_ = model.model_.kind
+        t = loaded.tensors
         model.cluster_centers_ = t["cluster_centers"].numpy()
         model.labels_ = t["labels"].numpy()
         model.confidences_ = t["confidences"].numpy()
-        model.n_features_in_ = dim
+        model.n_features_in_ = meta["dim"]
         model.history_ = meta.get("history", {})
-        model._config = cfg
+        model._config = loaded.config
         return model
 
 
-def _prefixed(t: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
+def _scatter(values: Tensor, kept: Tensor, n: int, fill: float = -1, dtype: Any = np.int64) -> np.ndarray:
+    out = np.full(n, fill, dtype=dtype)
+    out[kept.cpu().numpy()] = values.detach().cpu().numpy().astype(dtype)
+    return out

@@ -73,7 +73,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     model = SemanticClusterer(spec.k, clip=data.encoder, config=cfg, seed=a.seed, progress=not a.no_progress, device="cpu")
     model.fit(TensorSource(data.raw), nouns=data.noun_embeddings)
     s = model.history_["seconds"]
-    row("stage 1 (cross-modal heads)", model.stage1_labels_, s["encode"] + s["counterparts"] + s["stage1"])
+    # stage 1 is every phase up to and including the heads' training (k-means and kNN too)
+    row("stage 1 (cross-modal heads)", model.stage1_labels_, sum(t for name, t in s.items() if name != "stage2"))
     row("stage 2 (self-enhanced)", model.labels_, s["stage2"])
     print(_table(rows, ["method", "ACC", "NMI", "ARI", "time"]))
     print(f"total {time.perf_counter() - t0 + float(rows[0]['time'][:-1]):.1f}s on {torch.get_num_threads()} threads; "
@@ -221,6 +222,9 @@ def cmd_build_ext(a: argparse.Namespace) -> int:
 # ---- parser --------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
+    from .config import ChunkConfig
+    from .inputs.store import DEFAULT_SHARD_ROWS
+
     p = argparse.ArgumentParser(prog="semclust", description="Self-enhanced image clustering with cross-modal semantic consistency.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True)
@@ -245,10 +249,10 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("embed", help="encode an image folder into an fp16 embedding store (resumable)")
     e.add_argument("images", help="image folder")
     e.add_argument("--out", required=True, help="store directory")
-    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--batch-size", type=int, default=ChunkConfig.encode_batch_size)
     e.add_argument("--workers", type=int, default=min(4, max(1, (os.cpu_count() or 2) - 1)),
                    help="worker processes decoding images while the model encodes (default: min(4, cores - 1); 0: none)")
-    e.add_argument("--shard-rows", type=int, default=65536, help="rows per shard file (a killed run resumes at the last whole shard)")
+    e.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, help="rows per shard file (a killed run resumes at the last whole shard)")
     common(e, clip=True)
     e.set_defaults(fn=cmd_embed)
 
@@ -260,7 +264,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--stage", type=int, choices=(1, 2), default=2)
     f.add_argument("--epochs", type=int, help="stage-1 epochs (default from the config)")
     f.add_argument("--config", help="JSON file with config overrides (see semclust.config)")
-    f.add_argument("--resume", action="store_true", help="continue stage 1 from RUN/stage1.ckpt of a killed run (same input and settings)")
+    f.add_argument("--resume", action="store_true", help="continue a killed run in RUN (same input and settings): finished phases are reused, stage 1 and 2 continue from their last epoch")
     common(f, clip=True)
     f.set_defaults(fn=cmd_fit)
 
@@ -280,8 +284,9 @@ def _parser() -> argparse.ArgumentParser:
     common(ev)
     ev.set_defaults(fn=cmd_evaluate)
 
-    b = sub.add_parser("bench", help="benchmarks against peers: ops, step (fused training step), scale (streaming fit, 100k-1M)")
-    b.add_argument("what", choices=("ops", "step", "scale"))
+    b = sub.add_parser("bench", help="benchmarks against peers: ops, step (fused training step), scale (streaming fit, "
+                                     "100k-1M), method (accuracy of each variant)")
+    b.add_argument("what", choices=("ops", "step", "scale", "method"))
     b.add_argument("--json", help="write results as JSON")
     b.add_argument("--quick", action="store_true", help="small shapes, about a minute")
     b.set_defaults(fn=cmd_bench)

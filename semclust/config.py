@@ -1,111 +1,200 @@
-"""Every default of the method, in one place.
+"""Every default of the method, in one place, each checked when set.
 
 Numbers marked (TAC) come from the official code of "Image Clustering with External
 Guidance" (ICML 2024); (SEIC-r) from a public third-party reading of the seed paper;
 (measured) were chosen here from runs recorded in the README / benchmarks.
+
+Every field declares its constraint (a set of choices, or a numeric range) with
+`option(...)`. A section checks all its fields when built (from Python or from the JSON
+`Config.from_dict` reads) and each field again when assigned, so a typo such as
+``Stage1Config(balance="dynamc")`` or ``cfg.neighbours.method = "hnsw"`` raises at once,
+naming the field and what it accepts, instead of training something else. Sections stay
+mutable (``cfg.stage1.epochs = 5`` is checked like the constructor);
+`dataclasses.replace` gives a checked copy.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+import math
+import numbers
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Optional
+
+
+def option(default: Any, *, choices: Optional[tuple] = None, low: Optional[float] = None,
+           high: Optional[float] = None, low_open: bool = False) -> Any:
+    """A config field with its constraint: one of `choices`, or a number of the default's
+    type (int or float) in [low, high] (low excluded with `low_open`)."""
+    return field(default=default, metadata={"choices": choices, "low": low, "high": high, "low_open": low_open,
+                                            "kind": type(default)})
+
+
+def _check(section: str, name: str, meta: dict, value: Any) -> None:
+    where = f"{section}.{name}"
+    choices = meta.get("choices")
+    if choices is not None:
+        if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
+            raise ValueError(f"{where} must be one of {list(choices)}, got {value!r}")
+        return
+    kind = meta["kind"]
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be True or False, got {value!r}")
+        return
+    ok = isinstance(value, numbers.Integral) if kind is int else isinstance(value, numbers.Real)
+    if not ok or isinstance(value, bool) or (kind is float and not math.isfinite(value)):
+        raise ValueError(f"{where} must be {'an int' if kind is int else 'a finite number'}, got {value!r}")
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and (value <= low if meta.get("low_open") else value < low):
+        raise ValueError(f"{where} must be {'>' if meta.get('low_open') else '>='} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{where} must be <= {high}, got {value!r}")
+
+
+class _Section:
+    """Checks every declared field when built and whenever one is assigned."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        spec = self.__dataclass_fields__.get(name)  # type: ignore[attr-defined]
+        if spec is None:
+            raise AttributeError(f"{type(self).__name__} has no option {name!r}; "
+                                 f"options: {sorted(self.__dataclass_fields__)}")  # type: ignore[attr-defined]
+        if spec.metadata:
+            _check(type(self).__name__, name, spec.metadata, value)
+        object.__setattr__(self, name, value)
 
 
 @dataclass
-class ChunkConfig:
+class ChunkConfig(_Section):
     """Row-chunk sizes that bound peak memory of the ops (memory ~ chunk x other side)."""
 
-    assign: int = 65536
-    retrieve: int = 4096
-    knn_queries: int = 4096
-    knn_database: int = 65536
-    encode_batch: int = 256
+    assign: int = option(65536, low=1)
+    retrieve: int = option(4096, low=1)
+    knn_queries: int = option(4096, low=1)
+    knn_database: int = option(65536, low=1)
+    encode_batch_size: int = option(256, low=1)
 
 
 @dataclass
-class SemanticSpaceConfig:
+class SemanticSpaceConfig(_Section):
     """Semantic-space selection: k-means on images, nouns voted to centres."""
 
-    images_per_centre: int = 300  # M = max(K, N // 300) (TAC)
-    nouns_per_centre: int = 5  # gamma (TAC)
-    kmeans_iters: int = 100
-    kmeans_restarts: int = 3
-    noun_tau: float = 0.01  # softmax over centres when a noun votes (TAC uses 0.01-scale temperatures)
+    images_per_centre: int = option(300, low=1)  # M = max(K, N // 300) (TAC)
+    nouns_per_centre: int = option(5, low=1)  # gamma (TAC)
+    kmeans_iters: int = option(100, low=1)
+    kmeans_restarts: int = option(3, low=1)
+    noun_tau: float = option(0.01, low=0.0, low_open=True)  # softmax over centres when a noun votes (TAC-scale)
 
 
 @dataclass
-class CounterpartConfig:
-    tau: float = 0.005  # tau_r (TAC)
+class CounterpartConfig(_Section):
+    tau: float = option(0.005, low=0.0, low_open=True)  # tau_r (TAC)
 
 
 @dataclass
-class Stage1Config:
-    hidden: int = 512  # Linear(D,512) -> BN -> ReLU -> Linear(512,K) (TAC)
-    epochs: int = 40
-    batch_size: int = 512
-    lr: float = 1e-3  # Adam (TAC)
-    weight_decay: float = 0.0
-    knn_k: int = 50  # (TAC)
-    knn_method: str = "exact"  # "exact" (chunked, N^2 D) or "ivf" (faiss IVF, needs faiss; for N in the millions)
-    knn_nlist: int = 0  # IVF cells; 0: 4 sqrt(N)
-    knn_nprobe: int = 16  # IVF cells scanned per query
-    knn_recall_sample: int = 1000  # with "ivf": queries checked against exact search, recall@k in history_
-    cluster_tau: float = 0.5  # assignment- and centre-level InfoNCE temperature (TAC)
-    center_tau: float = 0.1  # tau_a: heads aligned with softmax(u c^T / tau_a)
-    center_momentum: float = 0.9  # EMA of the fused image/text centres across batches
-    center_target: bool = True  # pull both heads to the fused centres' assignment ("better centre generation")
-    w_instance: float = 0.5  # loss weights (SEIC-r: 0.5, 1, 1, 2)
-    w_assignment: float = 1.0
-    w_center: float = 1.0
-    w_balance: float = 2.0
-    balance: str = "dynamic"  # "dynamic" (SEIC-r style) or "fixed" (TAC: -5 H)
-    balance_fixed_weight: float = 5.0  # (TAC)
-    balance_momentum: float = 0.9  # EMA of cluster shares (SEIC-r)
-    balance_power: float = 1.0  # w_k = (share_k * K)^-power, normalised to mean 1
-    predict_with: str = "image"  # "image": f_I alone (measured better, see README); "both": mean of f_I and f_T
+class NeighbourConfig(_Section):
+    """The kNN phase: each row's k nearest other rows, in image and in counterpart space."""
+
+    k: int = option(50, low=1)  # (TAC)
+    method: str = option("exact", choices=("exact", "ivf"))  # exact: chunked, N^2 D; ivf: faiss, for N in the millions
+    nlist: int = option(0, low=0)  # IVF cells; 0: 4 sqrt(N)
+    nprobe: int = option(16, low=1)  # IVF cells scanned per query
+    recall_sample: int = option(1000, low=0)  # with "ivf": queries checked against exact search, recall@k in history_
 
 
 @dataclass
-class Stage2Config:
-    epochs: int = 10
-    batch_size: int = 128  # (SEIC-r)
-    lr: float = 5e-5  # AdamW on encoder blocks (SEIC-r)
-    head_lr: float = 1e-3
-    adapter_lr: float = 1e-3
-    weight_decay: float = 0.01
-    confident_fraction: float = 0.5  # share of each cluster kept as pseudo-labelled
-    min_per_cluster: int = 5
-    confidence_sigma: float = 0.1  # Gaussian fall-off of the weight below the mean confidence
-    finetune_blocks: int = 1  # last vision transformer blocks fine-tuned
-    adapter_hidden: int = 256
-    weak_noise: float = 0.01  # feature-space views when only embeddings are given
-    strong_noise: float = 0.05
-    strong_dropout: float = 0.1
-    num_workers: int = 0  # DataLoader workers decoding images for stage 2
+class Stage1Config(_Section):
+    hidden: int = option(512, low=1)  # Linear(D,512) -> BN -> ReLU -> Linear(512,K) (TAC)
+    epochs: int = option(40, low=0)
+    batch_size: int = option(512, low=2)
+    lr: float = option(1e-3, low=0.0, low_open=True)  # Adam (TAC)
+    weight_decay: float = option(0.0, low=0.0)
+    cluster_tau: float = option(0.5, low=0.0, low_open=True)  # assignment- and centre-level InfoNCE temperature (TAC)
+    center_tau: float = option(0.1, low=0.0, low_open=True)  # tau_a: heads aligned with softmax(u c^T / tau_a)
+    center_momentum: float = option(0.9, low=0.0, high=1.0)  # EMA of the fused image/text centres across batches
+    center_target: bool = option(True)  # pull both heads to the fused centres' assignment ("better centre generation")
+    w_instance: float = option(0.5, low=0.0)  # loss weights (SEIC-r: 0.5, 1, 1, 2)
+    w_assignment: float = option(1.0, low=0.0)
+    w_center: float = option(1.0, low=0.0)
+    w_balance: float = option(2.0, low=0.0)
+    balance: str = option("dynamic", choices=("dynamic", "fixed"))  # dynamic (SEIC-r style) or fixed (TAC: -5 H)
+    balance_fixed_weight: float = option(5.0, low=0.0)  # (TAC)
+    balance_momentum: float = option(0.9, low=0.0, high=1.0)  # EMA of cluster shares (SEIC-r)
+    balance_power: float = option(1.0, low=0.0)  # w_k = (share_k * K)^-power, normalised to mean 1
+    # "image": f_I alone (measured better, see README); "both": mean of f_I and f_T
+    predict_with: str = option("image", choices=("image", "both"))
+
+
+@dataclass
+class Stage2Config(_Section):
+    epochs: int = option(10, low=0)
+    batch_size: int = option(128, low=2)  # (SEIC-r)
+    lr: float = option(5e-5, low=0.0, low_open=True)  # AdamW on encoder blocks (SEIC-r)
+    head_lr: float = option(1e-3, low=0.0, low_open=True)
+    adapter_lr: float = option(1e-3, low=0.0, low_open=True)
+    weight_decay: float = option(0.01, low=0.0)
+    confident_fraction: float = option(0.5, low=0.0, high=1.0, low_open=True)  # share of each cluster pseudo-labelled
+    min_per_cluster: int = option(5, low=1)
+    confidence_sigma: float = option(0.1, low=0.0, low_open=True)  # Gaussian fall-off below the mean confidence
+    finetune_blocks: int = option(1, low=1)  # last vision transformer blocks fine-tuned
+    adapter_hidden: int = option(256, low=1)
+    weak_noise: float = option(0.01, low=0.0)  # feature-space views when only embeddings are given
+    strong_noise: float = option(0.05, low=0.0)
+    strong_dropout: float = option(0.1, low=0.0, high=1.0)
+    num_workers: int = option(0, low=0)  # DataLoader workers decoding images for stage 2
+
+
+_SECTIONS = {"chunks": ChunkConfig, "semantic": SemanticSpaceConfig, "counterparts": CounterpartConfig,
+             "neighbours": NeighbourConfig, "stage1": Stage1Config, "stage2": Stage2Config}
 
 
 @dataclass
 class Config:
-    """All stages together; `Config.from_dict` accepts the nested dict `to_dict` writes."""
+    """All phases together; `Config.from_dict` accepts the nested dict `to_dict` writes."""
 
     chunks: ChunkConfig = field(default_factory=ChunkConfig)
     semantic: SemanticSpaceConfig = field(default_factory=SemanticSpaceConfig)
     counterparts: CounterpartConfig = field(default_factory=CounterpartConfig)
+    neighbours: NeighbourConfig = field(default_factory=NeighbourConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+
+    def __post_init__(self) -> None:
+        for name, kind in _SECTIONS.items():
+            if not isinstance(getattr(self, name), kind):
+                raise TypeError(f"Config.{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
+        """Build from a nested dict (e.g. JSON); unknown sections, unknown keys and bad
+        values raise ValueError naming them."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a dict of sections, got {type(d).__name__}")
+        unknown = set(d) - set(_SECTIONS)
+        if unknown:
+            raise ValueError(f"unknown config sections {sorted(unknown)}; sections: {list(_SECTIONS)}")
         parts = {}
-        for f in fields(cls):
-            sub = f.default_factory()  # type: ignore[misc]
-            known = {g.name for g in fields(sub)}
-            given = d.get(f.name, {})
-            unknown = set(given) - known
-            if unknown:
-                raise ValueError(f"config section {f.name!r} has unknown keys {sorted(unknown)}")
-            parts[f.name] = type(sub)(**{**asdict(sub), **given})
+        for name, kind in _SECTIONS.items():
+            given = d.get(name, {})
+            if not isinstance(given, dict):
+                raise ValueError(f"config section {name!r} must be a dict, got {type(given).__name__}")
+            known = {f.name for f in fields(kind)}
+            bad = set(given) - known
+            if bad:
+                raise ValueError(f"config section {name!r} has unknown keys {sorted(bad)}; keys: {sorted(known)}")
+            parts[name] = kind(**given)
         return cls(**parts)
+
+
+def _defaults_are_valid() -> None:
+    # every declared default satisfies its own constraint (a typo in this file fails at import)
+    for kind in _SECTIONS.values():
+        for f in fields(kind):
+            if f.metadata and f.default is not MISSING:
+                _check(kind.__name__, f.name, f.metadata, f.default)
+
+
+_defaults_are_valid()

@@ -38,10 +38,10 @@ BAD_FILES = ("class_0/broken.jpg", "class_1/fake.png")
 
 def small_config(batch: int = 16) -> Config:
     cfg = Config()
-    cfg.stage1.epochs, cfg.stage1.batch_size, cfg.stage1.knn_k, cfg.stage1.hidden = 2, batch, 5, 32
+    cfg.stage1.epochs, cfg.stage1.batch_size, cfg.neighbours.k, cfg.stage1.hidden = 2, batch, 5, 32
     cfg.stage2.epochs, cfg.stage2.batch_size, cfg.stage2.min_per_cluster = 1, max(8, batch // 2), 2
     cfg.semantic.kmeans_restarts, cfg.semantic.kmeans_iters = 1, 10
-    cfg.chunks.encode_batch = 16
+    cfg.chunks.encode_batch_size = 16
     return cfg
 
 
@@ -208,8 +208,8 @@ def test_embeddings_with_word_nouns_use_the_text_tower():
     labels = model.fit_predict(u)
     assert model.mode_ == "stage1" and labels.shape == (60,) and ((labels >= 0) & (labels < K)).all()
     assert model.history_["nouns_total"] == len(WORDS)
-    assert model.noun_bank_.shape[1] == 32 and 0 < model.noun_bank_.shape[0] <= len(WORDS)
-    torch.testing.assert_close(model.noun_bank_.norm(dim=1), torch.ones(model.noun_bank_.shape[0]))
+    assert model.model_.noun_bank.shape[1] == 32 and 0 < model.model_.noun_bank.shape[0] <= len(WORDS)
+    torch.testing.assert_close(model.model_.noun_bank.norm(dim=1), torch.ones(model.model_.noun_bank.shape[0]))
     with pytest.raises(ValueError, match="dim 32 but image features have 16"):
         SemanticClusterer(K, clip=TINY, pretrained=None, nouns=list(WORDS), config=small_config(),
                           device="cpu").fit(u[:, :16])
@@ -268,11 +268,11 @@ def test_custom_encoder_is_not_modified_and_round_trips(synthetic, tmp_path):
     model.config.stage2.lr = 1e-2  # so that the tuned copy visibly differs from the original
     labels = model.fit_predict(TensorSource(synthetic.raw))
     assert model.mode_ == "encoder" and labels.shape == (300,) and (labels >= 0).all()
-    assert model.tuned_ is not enc
+    assert model.model_.encoder is not enc
     for k, v in enc.state_dict().items():
         assert torch.equal(v, before[k]), f"fit changed the user's encoder ({k})"
     assert [p.requires_grad for p in enc.parameters()] == grads_before
-    assert not torch.equal(model.tuned_.proj.weight, before["proj.weight"])
+    assert not torch.equal(model.model_.encoder.proj.weight, before["proj.weight"])
     np.testing.assert_array_equal(model.predict(TensorSource(synthetic.raw)), labels)
 
     model.save(tmp_path / "run")
@@ -343,18 +343,18 @@ def test_bad_embeddings_raise_and_leave_no_state(case, message, tmp_path):
     model = SemanticClusterer(k, config=small_config(), device="cpu")
     with pytest.raises(ValueError, match=message):
         model.fit(u, nouns=t)
-    assert not hasattr(model, "labels_") and not hasattr(model, "heads_")
+    assert not hasattr(model, "labels_") and not hasattr(model, "model_")
 
 
 def test_failed_refit_keeps_the_previous_fit(synthetic):
     u, t = synthetic.embeddings.numpy(), synthetic.noun_embeddings.numpy()
     model = SemanticClusterer(K, stage=1, config=small_config(64), device="cpu").fit(u, nouns=t)
-    labels, heads = model.labels_.copy(), model.heads_
+    labels, heads = model.labels_.copy(), model.model_.heads
     bad = u.copy()
     bad[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         model.fit(bad, nouns=t)
-    assert model.heads_ is heads
+    assert model.model_.heads is heads
     np.testing.assert_array_equal(model.labels_, labels)
     np.testing.assert_array_equal(model.predict(u), labels)
     with pytest.raises(ValueError, match="NaN"):
@@ -458,3 +458,63 @@ def test_same_seed_same_labels(synthetic, stage):
     np.testing.assert_array_equal(runs[0].labels_, runs[1].labels_)
     np.testing.assert_allclose(runs[0].confidences_, runs[1].confidences_, atol=1e-6)
     np.testing.assert_allclose(runs[0].cluster_centers_, runs[1].cluster_centers_, atol=1e-6)
+
+
+# ---- scikit-learn conventions and a fresh state every fit ---------------------------------
+
+
+def test_clone_get_params_and_set_params():
+    from sklearn.base import clone
+
+    cfg = small_config()
+    model = SemanticClusterer(4, clip=None, stage=1, config=cfg, seed=3, device="cpu")
+    params = model.get_params()
+    assert params["n_clusters"] == 4 and params["config"] is cfg and params["seed"] == 3
+    twin = clone(model)
+    assert twin is not model and twin.get_params()["n_clusters"] == 4 and twin.stage == 1
+    assert model.set_params(seed=5, stage=2) is model and model.seed == 5 and model.stage == 2
+    with pytest.raises(ValueError, match="unknown parameters"):
+        model.set_params(n_cluster=3)
+    with pytest.raises(TypeError):
+        SemanticClusterer(4, None)  # everything after n_clusters is keyword-only
+
+
+@pytest.mark.parametrize("params,message", [
+    (dict(n_clusters=1), "n_clusters must be an int >= 2"),
+    (dict(n_clusters=True), "n_clusters"),
+    (dict(stage=3), "stage must be 1 or 2"),
+    (dict(seed=-1), "seed must be"),
+    (dict(config={"stage1": {}}), "config must be a semclust.config.Config"),
+    (dict(resume="yes"), "resume must be True or False"),
+])
+def test_bad_parameters_raise_before_any_work(params, message, monkeypatch):
+    def no_work(*a, **k):
+        raise AssertionError("the fit started before its parameters were checked")
+
+    monkeypatch.setattr("semclust.inputs.classify.as_inputs", no_work)
+    monkeypatch.setattr("semclust.pipeline.fit", no_work)
+    model = SemanticClusterer(**{"n_clusters": 3, "clip": None, **params})
+    with pytest.raises(ValueError, match=message):
+        model.fit(np.zeros((10, 4), dtype=np.float32), nouns=np.eye(4, dtype=np.float32))
+
+
+def test_a_stage1_refit_reports_no_stale_stage2_history(synthetic):
+    u, t = synthetic.embeddings.numpy(), synthetic.noun_embeddings.numpy()
+    model = SemanticClusterer(K, clip=None, stage=2, config=small_config(64), device="cpu").fit(u, nouns=t)
+    assert model.history_["stage2"] and model.mode_ == "adapter"
+    model.set_params(stage=1).fit(u, nouns=t)
+    assert model.history_["stage2"] == [] and model.mode_ == "stage1"
+    assert "stage2" not in model.history_["seconds"]
+
+
+def test_empty_clusters_warn():
+    from semclust.api import ClusterCollapseWarning
+
+    # two tight blobs asked for five clusters: some clusters must stay empty
+    g = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(2, 8, generator=g), dim=1)
+    u = torch.nn.functional.normalize(centres.repeat_interleave(40, 0) + 1e-3 * torch.randn(80, 8, generator=g), dim=1)
+    cfg = small_config(32)
+    cfg.stage1.w_balance = 0.0
+    with pytest.warns(ClusterCollapseWarning, match="clusters are empty"):
+        SemanticClusterer(5, clip=None, stage=1, config=cfg, device="cpu").fit(u, nouns=centres)

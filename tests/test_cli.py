@@ -29,10 +29,11 @@ PER_CLASS = 8
 N_GOOD, N_ALL = 3 * PER_CLASS, 3 * PER_CLASS + 2
 # tiny run settings for `fit --config`
 SMALL_CONFIG = {
-    "stage1": {"epochs": 2, "batch_size": 16, "knn_k": 5, "hidden": 32},
+    "stage1": {"epochs": 2, "batch_size": 16, "hidden": 32},
+    "neighbours": {"k": 5},
     "stage2": {"epochs": 1, "batch_size": 8, "min_per_cluster": 2},
     "semantic": {"kmeans_restarts": 1, "kmeans_iters": 10},
-    "chunks": {"encode_batch": 16},
+    "chunks": {"encode_batch_size": 16},
 }
 
 

@@ -190,7 +190,7 @@ def test_fake_kernel_and_torch_compile():
 def synthetic_run_inputs():
     from semclust.method import counterparts
     from semclust.config import ChunkConfig, CounterpartConfig, SemanticSpaceConfig
-    from semclust.method.neighbours import neighbours
+    from semclust.method.neighbours import knn_lists
     from semclust.synthetic import SyntheticSpec, make_synthetic
 
     data = make_synthetic(SyntheticSpec(n=1000), seed=0)
@@ -198,7 +198,7 @@ def synthetic_run_inputs():
         u = data.embeddings
         space = counterparts.select_nouns(u, data.noun_embeddings, 10, SemanticSpaceConfig(kmeans_restarts=1), seed=0)
         v = counterparts.text_counterparts(u, space.bank(data.noun_embeddings), CounterpartConfig())
-        ni, nt = neighbours(u, 50, ChunkConfig()), neighbours(v, 50, ChunkConfig())
+        ni, nt = knn_lists(u, 50, ChunkConfig()), knn_lists(v, 50, ChunkConfig())
     return data, u, v, ni, nt
 
 
@@ -224,7 +224,7 @@ def test_stage1_same_training_through_torch_and_ext(synthetic_run_inputs, monkey
     runs = {}
     for backend in ("torch", "ext"):
         with ops.use_backend(backend):
-            runs[backend] = train_stage1(u, v, 10, cfg, seed=0, progress=False, image_neighbours=ni, text_neighbours=nt)
+            runs[backend] = train_stage1(u, v, 10, ni, nt, cfg, seed=0, progress=False)
     assert calls["n"] == 20 * 8, "the ext run must compute every step's loss with fused_step"
     acc = {b: cluster_accuracy(data.labels, r.labels.numpy()) for b, r in runs.items()}
     assert acc["torch"] > 0.5, acc  # the run learns something, so agreement means something
@@ -247,7 +247,6 @@ def test_stage1_forced_ext_builds_balance_state_like_python(synthetic_run_inputs
     hist = {}
     for backend in ("torch", "ext"):
         with ops.use_backend(backend):
-            hist[backend] = train_stage1(u, v, 10, cfg, seed=1, progress=False, image_neighbours=ni,
-                                         text_neighbours=nt).history[0]
+            hist[backend] = train_stage1(u, v, 10, ni, nt, cfg, seed=1, progress=False).history[0]
     for name in ("total", "balance"):
         assert math.isclose(hist["torch"][name], hist["ext"][name], rel_tol=1e-5), (name, hist)

@@ -1,5 +1,5 @@
-"""neighbours.neighbours: chunked kNN lists written into `out`, the same lists as ops.knn
-with exclude_self whatever the chunk sizes."""
+"""neighbours.knn_lists: chunked kNN lists, the same lists as ops.knn with exclude_self
+whatever the chunk sizes, kept in the fit's workspace."""
 
 import pytest
 import torch
@@ -49,7 +49,7 @@ def test_same_as_knn_for_any_chunking(n, d, k):
     if n <= 33:
         chunkings.append((1, 1))
     for q, b in chunkings:
-        got = neighbours.neighbours(z, k, ChunkConfig(knn_queries=q, knn_database=b))
+        got = neighbours.knn_lists(z, k, ChunkConfig(knn_queries=q, knn_database=b))
         assert got.shape == (n, k) and got.dtype == torch.int32, (q, b)
         assert torch.equal(got.long(), want), (n, d, k, q, b)
 
@@ -61,37 +61,23 @@ def test_default_chunks_and_unnormalised_rows():
     z = _rows(40, 5, seed=3) * torch.linspace(0.1, 10, 40)[:, None]
     z[7] = 3 * z[2]
     want = _expected(z, 6)
-    got = neighbours.neighbours(z, 6, ChunkConfig(knn_queries=6, knn_database=9))
+    got = neighbours.knn_lists(z, 6, ChunkConfig(knn_queries=6, knn_database=9))
     assert torch.equal(got.long(), want)
-    assert torch.equal(neighbours.neighbours(z, 6, ChunkConfig()).long(), want)
+    assert torch.equal(neighbours.knn_lists(z, 6, ChunkConfig()).long(), want)
     assert bool((got != torch.arange(40, dtype=torch.int32)[:, None]).all())
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
-def test_writes_into_out(dtype):
+def test_lists_live_in_the_workspace_and_are_reused(tmp_path):
+    from semclust.runtime.workspace import Workspace
+
     z = torch.nn.functional.normalize(_rows(33, 8, seed=1), dim=1)
-    out = torch.full((33, 4), -1, dtype=dtype)
-    res = neighbours.neighbours(z, 4, ChunkConfig(knn_queries=5, knn_database=6), out=out)
-    assert res is out and res.dtype == dtype
-    assert torch.equal(out.long(), _expected(z, 4))
-
-
-def test_writes_into_a_view():
-    """`out` may be a non-contiguous view of a bigger array (like a column block)."""
-    z = torch.nn.functional.normalize(_rows(20, 4, seed=2), dim=1)
-    big = torch.full((20, 7), -5, dtype=torch.int64)
-    neighbours.neighbours(z, 3, ChunkConfig(knn_queries=3, knn_database=4), out=big[:, 2:5])
-    assert torch.equal(big[:, 2:5], _expected(z, 3))
-    assert bool((big[:, :2] == -5).all()) and bool((big[:, 5:] == -5).all())
-
-
-@pytest.mark.parametrize("shape", [(20, 4), (19, 3), (21, 3), (20,), (3, 20)])
-def test_wrong_out_shape(shape):
-    z = _rows(20, 4)
-    out = torch.zeros(shape, dtype=torch.int32)
-    with pytest.raises(ValueError, match="out has shape"):
-        neighbours.neighbours(z, 3, ChunkConfig(knn_queries=7), out=out)
-    assert bool((out == 0).all())
+    ws = Workspace(tmp_path, "run")
+    got = neighbours.knn_lists(z, 4, ChunkConfig(knn_queries=5, knn_database=6), ws=ws, name="knn_image")
+    assert got.dtype == torch.int32 and torch.equal(got.long(), _expected(z, 4))
+    assert (tmp_path / "knn_image.npy").is_file()
+    # a finished array is returned as it is: nothing is searched again
+    again = neighbours.knn_lists(z * float("nan"), 4, ws=Workspace(tmp_path, "run"), name="knn_image")
+    assert torch.equal(again, got)
 
 
 @pytest.mark.parametrize("q,b", [(1, 1), (2, 3), (4, 5), (7, 100), (100, 2)])
@@ -109,11 +95,11 @@ def test_exact_ties_go_to_the_lower_index(q, b):
     for k in (1, 2, 3, 4, 6, n - 1):
         want = _expected(z, k)
         assert torch.equal(want, _naive(z, k)), k
-        got = neighbours.neighbours(z, k, ChunkConfig(knn_queries=q, knn_database=b))
+        got = neighbours.knn_lists(z, k, ChunkConfig(knn_queries=q, knn_database=b))
         assert torch.equal(got.long(), want), (k, q, b)
     # e.g. the last copy of row 0 (index 11) has the four lowest other copies as its top 4
-    assert neighbours.neighbours(z, 4, ChunkConfig(knn_queries=q, knn_database=b))[11].tolist() == [0, 2, 4, 5]
-    assert neighbours.neighbours(z, 4, ChunkConfig(knn_queries=q, knn_database=b))[0].tolist() == [2, 4, 5, 8]
+    assert neighbours.knn_lists(z, 4, ChunkConfig(knn_queries=q, knn_database=b))[11].tolist() == [0, 2, 4, 5]
+    assert neighbours.knn_lists(z, 4, ChunkConfig(knn_queries=q, knn_database=b))[0].tolist() == [2, 4, 5, 8]
 
 
 @pytest.mark.parametrize("n,k", [(7, 6), (33, 5), (130, 1)])
@@ -121,7 +107,7 @@ def test_float16_input(n, k):
     z = torch.nn.functional.normalize(_rows(n, 16, seed=n), dim=1).half()
     want = _expected(z, k)
     for q, b in ((1, n), (n, 1), (4, 7), (n, n)):
-        got = neighbours.neighbours(z, k, ChunkConfig(knn_queries=q, knn_database=b))
+        got = neighbours.knn_lists(z, k, ChunkConfig(knn_queries=q, knn_database=b))
         assert got.dtype == torch.int32
         assert torch.equal(got.long(), want), (q, b)
     assert bool((got != torch.arange(n, dtype=torch.int32)[:, None]).all())

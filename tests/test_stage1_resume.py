@@ -17,15 +17,15 @@ def inputs():
     with ops.use_backend("torch"):
         space = counterparts.select_nouns(u, data.noun_embeddings, 10, SemanticSpaceConfig(kmeans_restarts=1))
         v = counterparts.text_counterparts(u, space.bank(data.noun_embeddings), CounterpartConfig())
-        ni, nt = neighbours.neighbours(u, 20, ChunkConfig()), neighbours.neighbours(v, 20, ChunkConfig())
+        ni, nt = neighbours.knn_lists(u, 20, ChunkConfig()), neighbours.knn_lists(v, 20, ChunkConfig())
     return u, v, ni, nt
 
 
 def _train(inputs, epochs, **kw):
     u, v, ni, nt = inputs
-    cfg = Stage1Config(epochs=epochs, batch_size=128, knn_k=20)
+    cfg = Stage1Config(epochs=epochs, batch_size=128)
     with ops.use_backend("torch"):
-        return stage1.train_stage1(u, v, 10, cfg, seed=3, progress=False, image_neighbours=ni, text_neighbours=nt, **kw)
+        return stage1.train_stage1(u, v, 10, ni, nt, cfg, seed=3, progress=False, **kw)
 
 
 def test_resume_equals_uninterrupted(inputs, tmp_path):
@@ -53,8 +53,8 @@ def test_checkpoint_of_another_run_is_refused(inputs, tmp_path):
     _train(inputs, 1, checkpoint=ck)
     u, v, ni, nt = inputs
     with pytest.raises(ValueError, match="another run"):
-        stage1.train_stage1(u, v, 10, Stage1Config(epochs=2, batch_size=128, knn_k=20), seed=4, progress=False,
-                            image_neighbours=ni, text_neighbours=nt, checkpoint=ck, resume=True)
+        stage1.train_stage1(u, v, 10, ni, nt, Stage1Config(epochs=2, batch_size=128), seed=4, progress=False,
+                            checkpoint=ck, resume=True)
     ck.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable stage-1 checkpoint"):
         _train(inputs, 2, checkpoint=ck, resume=True)

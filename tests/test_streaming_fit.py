@@ -38,7 +38,7 @@ def _data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _config() -> Config:
     cfg = Config()
-    cfg.stage1.epochs, cfg.stage1.batch_size, cfg.stage1.knn_k, cfg.stage1.hidden = 3, 64, 6, 32
+    cfg.stage1.epochs, cfg.stage1.batch_size, cfg.neighbours.k, cfg.stage1.hidden = 3, 64, 6, 32
     cfg.semantic.kmeans_restarts, cfg.semantic.kmeans_iters, cfg.semantic.images_per_centre = 1, 10, 50
     return cfg
 
@@ -78,14 +78,14 @@ def test_store_with_tiny_chunks_equals_in_memory_fit(store, tmp_path):
     assert np.array_equal(streamed.labels_, mem.labels_)
     np.testing.assert_allclose(streamed.confidences_, mem.confidences_, rtol=1e-5, atol=1e-6)
     # the intermediates are on disk, memory-mapped, and equal the in-memory ones
-    kk = _config().stage1.knn_k
-    want = neighbours.neighbours(u, kk, _config().chunks)
+    kk = _config().neighbours.k
+    want = neighbours.knn_lists(u, kk, _config().chunks)
     assert np.array_equal(np.load(work / "knn_image.npy"), want.numpy())
     assert np.load(work / "counterparts.npy").dtype == np.float16
     assert {"images.npy", "counterparts.npy", "knn_image.npy", "knn_text.npy", "stage1.ckpt"} <= {p.name for p in work.iterdir()}
     for a, b in zip(streamed.history_["stage1"], mem.history_["stage1"]):
         assert a["total"] == pytest.approx(b["total"], rel=1e-5)
-    assert [r["phase"] for r in streamed.history_["phases"]] == ["encode", "kmeans", "counterparts", "knn", "stage1"]
+    assert [r["phase"] for r in streamed.history_["phases"]] == ["encode", "nouns", "store", "kmeans", "counterparts", "knn", "stage1"]
     assert all(r["peak_rss_mb"] > 0 for r in streamed.history_["phases"])
 
 
@@ -103,8 +103,9 @@ def test_resume_reuses_finished_phases(store, tmp_path, monkeypatch):
     def no_recompute(*a, **k):
         raise AssertionError("a finished phase was computed again")
 
-    monkeypatch.setattr(neighbours, "neighbours", no_recompute)
-    monkeypatch.setattr("semclust.method.counterparts.text_counterparts", no_recompute)
+    # the counterparts and kNN phases run on these ops only: a resumed fit must not call them
+    monkeypatch.setattr("semclust.ops.retrieve", no_recompute)
+    monkeypatch.setattr("semclust.ops.knn", no_recompute)
     again = _fit(str(store), checkpoint_dir=work, resume=True)
     assert np.array_equal(again.labels_, first.labels_)
 
@@ -113,7 +114,7 @@ def test_resume_refuses_a_workspace_of_other_settings(store, tmp_path):
     work = tmp_path / "work"
     _fit(str(store), checkpoint_dir=work)
     cfg = _config()
-    cfg.stage1.knn_k = 7
+    cfg.neighbours.k = 7
     with pytest.raises(ValueError, match="another run"):
         _fit(str(store), checkpoint_dir=work, resume=True, cfg=cfg)
     # without resume the directory is started over
@@ -123,7 +124,7 @@ def test_resume_refuses_a_workspace_of_other_settings(store, tmp_path):
 def test_ivf_knn_reports_recall(store):
     pytest.importorskip("faiss")
     cfg = _config()
-    cfg.stage1.knn_method, cfg.stage1.knn_nlist, cfg.stage1.knn_nprobe, cfg.stage1.knn_recall_sample = "ivf", 8, 8, 100
+    cfg.neighbours.method, cfg.neighbours.nlist, cfg.neighbours.nprobe, cfg.neighbours.recall_sample = "ivf", 8, 8, 100
     model = _fit(str(store), cfg=cfg)
     recall = model.history_["knn_recall"]
     assert set(recall) == {"knn_image", "knn_text"}
@@ -133,9 +134,8 @@ def test_ivf_knn_reports_recall(store):
 
 def test_unknown_knn_method_is_refused(store):
     cfg = _config()
-    cfg.stage1.knn_method = "hnsw"
-    with pytest.raises(ValueError, match="knn_method"):
-        _fit(str(store), cfg=cfg)
+    with pytest.raises(ValueError, match="neighbours.method|NeighbourConfig.method"):
+        cfg.neighbours.method = "hnsw"  # refused when set, before any work
 
 
 # --------------------------------------------------------------------------- torchrun

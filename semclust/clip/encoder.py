@@ -22,12 +22,11 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from open_clip.transformer import VisionTransformer
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
 from ..config import ChunkConfig
-from ..inputs.sources import ImageSource, SkipReport, collate_skip
+from ..inputs.sources import ImageSource, SkipReport, iter_batches
 from ..inputs.store import DEFAULT_SHARD_ROWS, EmbeddingStore, StoreWriter, check_same_model, is_store, open_store
 from ..runtime.files import sha256_file
 
@@ -216,28 +215,19 @@ class ClipEncoder:
         """The model's own eval preprocessing: PIL -> float32 [3, H, W], normalised."""
         return image_transform_v2(self.preprocess_cfg, is_train=False)
 
-    def iter_encode_images(self, source: ImageSource, batch_size: int = ChunkConfig.encode_batch,
+    def iter_encode_images(self, source: ImageSource, batch_size: int = ChunkConfig.encode_batch_size,
                            num_workers: int = 0, progress: bool = True,
                            start: int = 0) -> Iterator[EncodedBatch]:
-        """Encode source items [start, len(source)) batch by batch, in order.
-
-        Sets `source.transform` to the eval preprocessing. Unreadable items are skipped
-        and reported per batch, never raised.
+        """Encode source items [start, len(source)) batch by batch, in order, on the eval
+        preprocessing. Unreadable items are skipped and reported per batch, never raised.
         """
-        if batch_size <= 0 or num_workers < 0:
-            raise ValueError(f"batch_size must be > 0 and num_workers >= 0, got {batch_size}, {num_workers}")
         if not 0 <= start <= len(source):
             raise ValueError(f"start={start} is outside the source's {len(source)} items")
-        source.transform = self.eval_transform
-        # Subset keeps the source's own indices in what __getitem__ returns
-        dataset = source if start == 0 else Subset(source, range(start, len(source)))
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                            collate_fn=collate_skip, pin_memory=self.device.type == "cuda")
-        with tqdm(total=len(dataset), unit="img", desc="encode images", disable=not progress) as bar:
-            for images, kept, skipped in loader:
-                embeddings = self._encode_batch(images)
-                bar.update(len(kept) + len(skipped))
-                yield EncodedBatch(embeddings, kept, list(skipped))
+        for images, kept, skipped in iter_batches(source, self.eval_transform, batch_size, workers=num_workers,
+                                                  indices=None if start == 0 else range(start, len(source)),
+                                                  progress=progress, desc="encode images",
+                                                  pin_memory=self.device.type == "cuda"):
+            yield EncodedBatch(self._encode_batch(images), kept, skipped)
 
     def _encode_batch(self, images: torch.Tensor | None) -> torch.Tensor:
         """[B, 3, H, W] preprocessed (or None) -> float16 [B, D] on CPU, L2-normalised."""
@@ -249,7 +239,7 @@ class ClipEncoder:
             features = self.model.encode_image(images.to(self.device, non_blocking=True))
         return F.normalize(features.float(), dim=-1).to("cpu", torch.float16)
 
-    def encode_images(self, source: ImageSource, batch_size: int = ChunkConfig.encode_batch,
+    def encode_images(self, source: ImageSource, batch_size: int = ChunkConfig.encode_batch_size,
                       num_workers: int = 0, progress: bool = True) -> EncodeResult:
         """Encode every item of `source` in memory; see `iter_encode_images`."""
         parts, kept, report = [], [], SkipReport()
@@ -263,7 +253,7 @@ class ClipEncoder:
         return EncodeResult(embeddings, torch.cat(kept) if kept else torch.empty(0, dtype=torch.long), report)
 
     def embed_to_store(self, source: ImageSource, out_dir: str | os.PathLike,
-                       batch_size: int = ChunkConfig.encode_batch, num_workers: int = 0,
+                       batch_size: int = ChunkConfig.encode_batch_size, num_workers: int = 0,
                        progress: bool = True, shard_rows: int = DEFAULT_SHARD_ROWS) -> StoredEncoding:
         """Encode `source` into the store at `out_dir`, resuming an interrupted run.
 

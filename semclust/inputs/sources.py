@@ -21,13 +21,14 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,23 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = [
     "IMAGE_EXTENSIONS", "list_images", "CorruptImage", "ImageSource", "FileImageSource", "ArrayImageSource",
-    "TensorSource", "DatasetSource", "KeptSource", "collate_skip", "SkipReport",
+    "TensorSource", "DatasetSource", "KeptSource", "collate_skip", "SkipReport", "Source", "iter_batches",
 ]
+
+
+@runtime_checkable
+class Source(Protocol):
+    """What every consumer of raw items reads: a map-style Dataset with an id per item
+    and a settable transform; item i is (transform(x_i), i, None), or (None, i, reason)
+    for an item that cannot be read. Implemented by `ImageSource` (files, arrays),
+    `TensorSource` (rows), `DatasetSource` (any Dataset) and `KeptSource` (a subset)."""
+
+    items: Sequence[str]
+    transform: Optional[Callable[[Any], Any]]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> tuple[Any, int, Optional[str]]: ...
 
 # Lower-case suffixes Pillow decodes out of the box; matched case-insensitively.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -386,3 +402,24 @@ class KeptSource(Dataset):
     def __getitem__(self, i: int) -> tuple[Any, int, Optional[str]]:
         x, _, err = self.source[self.kept[i]]
         return x, i, err
+
+
+def iter_batches(source: Source, transform: Optional[Callable[[Any], Any]], batch_size: int, *, workers: int = 0,
+                 indices: Optional[Sequence[int]] = None, report: Optional[SkipReport] = None,
+                 progress: bool = False, desc: str = "batches", pin_memory: bool = False,
+                 ) -> Iterator[tuple[Optional[Tensor], Tensor, list[tuple[int, str]]]]:
+    """The one batch loop over a source: sets `source.transform`, decodes `indices`
+    (default: all items, in order) in `workers` processes, drops unreadable items and
+    yields (batch [B', ...] or None, kept source indices [B'], skipped [(index, reason)])
+    per batch; `report`, when given, tallies the skipped items."""
+    if batch_size <= 0 or workers < 0:
+        raise ValueError(f"batch_size must be > 0 and workers >= 0, got {batch_size}, {workers}")
+    source.transform = transform
+    # Subset keeps the source's own indices in what __getitem__ returns
+    dataset = source if indices is None else Subset(source, indices)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_skip,
+                        pin_memory=pin_memory)
+    for batch, kept, skipped in tqdm(loader, unit="batch", desc=desc, disable=not progress, leave=False):
+        if report is not None:
+            report.update(source.items, kept, skipped)
+        yield batch, kept, list(skipped)

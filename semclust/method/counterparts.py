@@ -18,12 +18,12 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .. import ops
 from ..config import ChunkConfig, CounterpartConfig, SemanticSpaceConfig
 from ..runtime import distributed as dist
-from ..runtime.mmap import release
+from ..runtime import rows
+from ..runtime.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -67,25 +67,20 @@ def select_nouns(
 
 
 def text_counterparts(
-    u: Tensor, bank: Tensor, cfg: CounterpartConfig, chunks: ChunkConfig = ChunkConfig(),
-    out: Optional[Tensor] = None, progress: bool = False, rows: Optional[tuple[int, int]] = None,
+    u: Tensor, bank: Tensor, cfg: CounterpartConfig, chunks: Optional[ChunkConfig] = None, *,
+    ws: Optional[Workspace] = None, name: str = "counterparts", progress: bool = False,
 ) -> Tensor:
-    """[N, D] L2-normalised counterparts of the images u [N, D] from the noun bank [W', D].
+    """[N, D] L2-normalised counterparts of the images u [N, D] from the noun bank [W', D],
+    in u's dtype, as the workspace array `name` (reused when finished; default: in memory).
 
-    Written into `out` (default: a new tensor of u's dtype) `chunks.retrieve` rows at a
-    time, so u and out may be memory-mapped and only a [chunk, W'] block is in memory.
-    `rows` = (lo, hi) fills only those rows (one rank's share).
+    v_i = normalise(sum_w softmax_w(u_i . t_w / tau) t_w), `chunks.retrieve` rows at a
+    time, so u may be memory-mapped and only a [chunk, W'] block is in memory.
     """
-    out = torch.empty(u.shape, dtype=u.dtype, device=u.device) if out is None else out
-    if out.shape != u.shape:
-        raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(u.shape)}")
-    step = chunks.retrieve
+    chunks = chunks or ChunkConfig()
     b = bank.float().to(u.device)
-    lo, hi = rows or (0, u.shape[0])
-    with tqdm(total=hi - lo, desc="counterparts", unit="img", unit_scale=True, disable=not progress, leave=False) as bar:
-        for s in range(lo, hi, step):
-            v = ops.retrieve(u[s : min(s + step, hi)].to(b.device).float(), b, cfg.tau, normalize=True, chunk_size=step)
-            out[s : s + v.shape[0]] = v.to(device=out.device, dtype=out.dtype)
-            release(u, out)  # a sequential pass: the rows done need not stay resident
-            bar.update(v.shape[0])
-    return out
+
+    def block(lo: int, hi: int) -> Tensor:
+        return ops.retrieve(u[lo:hi].to(b.device).float(), b, cfg.tau, normalize=True, chunk_size=chunks.retrieve)
+
+    return rows.fill(ws or Workspace(None), name, tuple(u.shape), u.dtype, block, chunk=chunks.retrieve, reads=(u,),
+                     desc="counterparts", unit="img", progress=progress)

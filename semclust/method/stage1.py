@@ -31,7 +31,6 @@ from ..runtime.mmap import fingerprint, release
 from ..runtime.prefetch import prefetch
 from . import losses
 from .heads import Heads
-from .neighbours import neighbours
 
 log = logging.getLogger(__name__)
 
@@ -90,35 +89,36 @@ def train_stage1(
     u: Tensor,
     v: Tensor,
     k: int,
-    cfg: Stage1Config = Stage1Config(),
+    image_neighbours: Tensor,
+    text_neighbours: Tensor,
+    cfg: Optional[Stage1Config] = None,
+    *,
     seed: int = 0,
-    chunks: ChunkConfig = ChunkConfig(),
+    chunks: Optional[ChunkConfig] = None,
     progress: bool = True,
-    image_neighbours: Optional[Tensor] = None,
-    text_neighbours: Optional[Tensor] = None,
     checkpoint: Optional[Union[str, Path]] = None,
     resume: bool = False,
 ) -> Stage1Result:
     """Train the heads on images u [N, D] and counterparts v [N, D] (same device).
 
-    Neighbour lists [N, knn_k] are computed with `ops.knn` unless given.
+    `image_neighbours` / `text_neighbours` [N, m] are each row's nearest other rows in
+    image and in counterpart space (`method.neighbours.knn_lists`).
     With `checkpoint`, the whole training state (heads, optimiser, sampling RNG, EMA
     centres and shares, history) is written there atomically after every epoch; with
     `resume` too, a checkpoint of the same run (same data fingerprint, K, seed and
     settings but the epoch count) is continued, ending exactly where an uninterrupted run
     ends. Returns the heads (eval mode), the labels/confidences and per-epoch history.
     """
+    cfg, chunks = cfg or Stage1Config(), chunks or ChunkConfig()
     n, d = u.shape
     if n < 2:
         raise ValueError("stage 1 needs at least 2 samples")
     device = u.device
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    kk = min(cfg.knn_k, n - 1)
-    ni = image_neighbours if image_neighbours is not None else neighbours(u, kk, chunks, cfg=cfg)
-    nt = text_neighbours if text_neighbours is not None else neighbours(v, kk, chunks, cfg=cfg)
+    ni, nt = image_neighbours, text_neighbours
     heads = Heads(d, k, cfg.hidden).to(device)
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist.is_distributed() else (0, 1)
+    rank, world = dist.rank_world()
     model: torch.nn.Module = heads
     if world > 1:
         # data-parallel: each rank takes its slice of every global batch; the batch-level

@@ -36,11 +36,11 @@ from typing import Any, Callable, Optional, Protocol, Union
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import Stage2Config
-from ..inputs.sources import collate_skip
+from ..inputs.sources import Source, collate_skip, iter_batches
 from ..runtime import distributed as dist
 from ..runtime.files import atomic_write, load_checkpoint
 from .heads import ClusterHead, ResidualAdapter
@@ -138,7 +138,7 @@ def select_confident(labels: Tensor, conf: Tensor, k: int, cfg: Stage2Config) ->
 
 @torch.no_grad()
 def _predict(
-    encoder: Tunable, head: ClusterHead, source: Any, cfg: Stage2Config, progress: bool, desc: str,
+    encoder: Tunable, head: ClusterHead, source: Source, cfg: Stage2Config, progress: bool, desc: str,
     centers_k: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Labels and confidences [N] of the current encoder + head on the plain view
@@ -147,17 +147,16 @@ def _predict(
     batch by batch in source order (float32, on the features' device), L2-normalised; a
     cluster nothing was predicted for keeps a zero row. Skipped items (label 0, conf 0)
     add nothing. Only [batch, D] features and [K, D] sums exist at a time."""
-    source.transform = encoder.view_transform("eval")
     head.eval()
     labels = torch.zeros(len(source), dtype=torch.long)
     conf = torch.zeros(len(source))
     # under torch.distributed each rank predicts its share of the rows; the sums below
     # (other ranks' rows are zero here) make every rank's arrays whole
-    rank, world = _rank_world()
-    mine = Subset(source, range(*dist.shard_range(len(source), rank, world))) if world > 1 else source
-    loader = DataLoader(mine, batch_size=cfg.batch_size * 4, shuffle=False, num_workers=cfg.num_workers, collate_fn=collate_skip)
+    rank, world = dist.rank_world()
+    mine = range(*dist.shard_range(len(source), rank, world)) if world > 1 else None
     sums: Optional[Tensor] = None
-    for batch, kept, _skipped in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for batch, kept, _skipped in iter_batches(source, encoder.view_transform("eval"), cfg.batch_size * 4,
+                                              workers=cfg.num_workers, indices=mine, progress=progress, desc=desc):
         if batch is None:
             continue
         z = encoder.image_features(batch)
@@ -190,10 +189,6 @@ def _run_signature(stage1_labels: Tensor, stage1_conf: Tensor, k: int, seed: int
     return h.hexdigest()
 
 
-def _rank_world() -> tuple[int, int]:
-    return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist.is_distributed() else (0, 1)
-
-
 class _Tuned(nn.Module):
     """encoder features -> head logits as one module, so DDP sees one forward per step."""
 
@@ -219,12 +214,12 @@ def _rank_batches(order: Tensor, batch_size: int, rank: int, world: int) -> list
 
 def train_stage2(
     encoder: Tunable,
-    source: Any,
+    source: Source,
     head: ClusterHead,
     stage1_labels: Tensor,
     stage1_conf: Tensor,
     k: int,
-    cfg: Stage2Config = Stage2Config(),
+    cfg: Optional[Stage2Config] = None,
     mode: str = "encoder",
     seed: int = 0,
     progress: bool = True,
@@ -247,9 +242,10 @@ def train_stage2(
     Returns the head, the tuned encoder, the final labels/confidences [N], the cluster
     centres [K, D] of the tuned features (see `Stage2Result.centers`) and the history.
     """
+    cfg = cfg or Stage2Config()
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    rank, world = _rank_world()
+    rank, world = dist.rank_world()
     model: Optional[nn.Module] = None
     if world > 1:
         # data-parallel: each rank takes its slice of every global batch (the weighted

@@ -36,7 +36,6 @@ implies: K >= 100 gets the large settings. Batches larger than N are clipped to 
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import numpy as np

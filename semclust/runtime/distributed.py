@@ -59,7 +59,8 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _rank_world() -> tuple[int, int]:
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) without a process group."""
     if is_distributed():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -176,7 +177,7 @@ def _layout(x_local: Tensor, name: str, global_offset: Optional[int]) -> _Layout
     finite = bool(torch.isfinite(x_local).all())
     given = -1 if global_offset is None else global_offset
     mine = [x_local.shape[0], x_local.shape[1], given, int(finite)]
-    rank, world = _rank_world()
+    rank, world = rank_world()
     table = _all_gather_ints(mine, x_local.device) if world > 1 else [mine]
     sizes = [t[0] for t in table]
     for r, (rows, cols, _, ok) in enumerate(table):
@@ -403,7 +404,7 @@ def knn_ring(
     k = V.count("k", k, 1, candidates, what=f" (only {candidates} candidate neighbours exist among N = {lay.total})")
     V.count("query_chunk", query_chunk, 1)
     V.count("database_chunk", database_chunk, 1)
-    rank, world = _rank_world()
+    rank, world = rank_world()
     work = torch.float64 if x_local.dtype == torch.float64 else torch.float32
     queries = x_local.to(work)
     n = x_local.shape[0]

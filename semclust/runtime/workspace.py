@@ -137,7 +137,7 @@ class Workspace:
             produce(out, 0, n)
             self._memory[name] = out
             return out
-        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist.is_distributed() else (0, 1)
+        rank, world = dist.rank_world()
         np_dtype = torch.empty((), dtype=dtype).numpy().dtype
         final = self.root / f"{name}.npy"
         tmp = self.root / f"{TMP_PREFIX}{name}.npy"

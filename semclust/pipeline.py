@@ -1,0 +1,243 @@
+"""A fit, phase by phase: encode → nouns → semantic space → counterparts → neighbours →
+stage 1 → stage 2, over one `Workspace`.
+
+Each phase is one function that goes straight down to `method/`, `clip/` or `inputs/`
+and back, and is timed as itself by `runtime.report.Phases` (its seconds and peak
+memory in `FitResult.history["phases"]`). `fit` runs them in order and returns a
+`FitResult`; the estimator (`api.SemanticClusterer`) turns that into its `*_` attributes.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import ops
+from .config import Config
+from .inputs.classify import Inputs
+from .inputs.sources import KeptSource, SkipReport, Source, TensorSource, iter_batches
+from .inputs.store import EmbeddingStore
+from .method import counterparts, neighbours, stage1, stage2
+from .method.counterparts import SemanticSpace
+from .model import AdapterModel, EncoderModel, FittedModel, Stage1Model
+from .runtime import rows
+from .runtime.mmap import as_tensor, fingerprint, release
+from .runtime.report import Phases
+from .runtime.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """An encoder that can embed words (a CLIP text tower): needed for word nouns."""
+
+    def encode_texts(self, texts: Sequence[str], *args: Any, **kwargs: Any) -> Tensor: ...
+
+
+@dataclass
+class Encoded:
+    u: Optional[Tensor]  # [n, D] unit rows on the device (None: a store, read in the workspace)
+    kept: Tensor  # [n] source indices of the readable items
+    n_total: int  # N, readable or not
+    report: SkipReport
+
+
+@dataclass
+class FitResult:
+    model: FittedModel
+    stage1_labels: Tensor  # [n] over the kept rows
+    labels: Tensor  # [n] final
+    conf: Tensor  # [n]
+    centers: Tensor  # [K, D]
+    kept: Tensor  # [n] source indices
+    n_total: int
+    dim: int
+    report: SkipReport
+    history: dict[str, Any]
+
+
+# ---- the phases ------------------------------------------------------------------------
+
+@torch.no_grad()
+def encode_source(encoder: Any, source: Source, batch_size: int, progress: bool) -> tuple[Tensor, Tensor, SkipReport]:
+    """Features of every readable item on the plain view: (U [n, D] float32, kept [n], report)."""
+    report = SkipReport()
+    feats, kept_all = [], []
+    for batch, kept, _ in iter_batches(source, encoder.view_transform("eval"), batch_size, report=report,
+                                       progress=progress, desc="encode"):
+        if batch is not None:
+            feats.append(encoder.image_features(batch).float().cpu())
+            kept_all.append(kept)
+    if not feats:
+        raise ValueError(f"none of the {len(source)} inputs could be read: {report}")
+    if report.count:
+        log.warning("%s", report)
+    return torch.cat(feats), torch.cat(kept_all), report
+
+
+def encode(inputs: Inputs, encoder: Callable[[], Any], k: int, cfg: Config, device: torch.device,
+           progress: bool) -> Encoded:
+    """Image features of the inputs (or, for a store, only its size), checked and unit-norm."""
+    if inputs.source is not None:
+        u, kept, report = encode_source(encoder(), inputs.source, cfg.chunks.encode_batch_size, progress)
+        n_total = len(inputs.source)
+    elif inputs.store is not None:
+        n_total, report, u = len(inputs.store), SkipReport(), None
+        kept = torch.arange(n_total)
+    else:
+        u, n_total, report = inputs.embeddings, inputs.embeddings.shape[0], SkipReport()
+        kept = torch.arange(n_total)
+    if u is not None:
+        ops.validate.matrix("embeddings", u)
+    if k > kept.numel():
+        raise ValueError(f"n_clusters={k} is larger than the number of samples ({kept.numel()})")
+    if u is not None:
+        # fp16 rows stay fp16 (half the memory; every op reads them chunk by chunk) and,
+        # when already unit-norm (a store's rows), exactly as given
+        if u.dtype != torch.float16 or not ops.validate.unit_rows(u, cfg.chunks.assign):
+            u = torch.nn.functional.normalize(u if u.dtype == torch.float16 else u.float(), dim=1)
+        u = u.to(device)
+    return Encoded(u, kept, n_total, report)
+
+
+def noun_bank(nouns: Any, dim: int, encoder: Callable[[], Any], progress: bool) -> Tensor:
+    """[W, D] unit noun embeddings: given as a matrix, or words embedded by the CLIP text tower."""
+    if isinstance(nouns, (np.ndarray, Tensor)):
+        t = torch.as_tensor(nouns).float()
+        ops.validate.matrix("nouns", t, cols=dim)
+        return torch.nn.functional.normalize(t, dim=1)
+    enc = encoder()
+    if not isinstance(enc, TextEncoder):
+        raise TypeError("word nouns need a CLIP text tower: pass noun embeddings [W, D] with a custom encoder")
+    from .clip.vocab import embed_nouns, load_nouns
+
+    t = embed_nouns(enc, load_nouns(nouns), progress=progress)
+    if t.shape[1] != dim:
+        raise ValueError(f"noun embeddings have dim {t.shape[1]} but image features have {dim}")
+    return t
+
+
+def run_id(inputs: Inputs, u: Optional[Tensor], bank: Tensor, k: int, seed: int, cfg: Config) -> str:
+    """What a workspace must match to be reused: the data, the nouns, K, the seed and
+    the settings of the phases it caches."""
+    data = inputs.store.fingerprint() if inputs.store is not None else fingerprint(u)
+    d = cfg.to_dict()
+    knn = {f: d["neighbours"][f] for f in ("k", "method", "nlist", "nprobe")}
+    settings = {"k": k, "seed": seed, "semantic": d["semantic"], "counterparts": d["counterparts"], "knn": knn,
+                "data": data, "nouns": fingerprint(bank)}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def store_rows(store: EmbeddingStore, ws: Workspace, cfg: Config, progress: bool) -> Tensor:
+    """The store's rows as one [N, D] fp16 tensor without reading them into memory: the
+    one shard itself, or the shards copied into one memory-mapped workspace file."""
+    if store.shard_count == 1:
+        return as_tensor(store.shard(0))
+    shards = [store.shard(i) for i in range(store.shard_count)]
+    return rows.fill(ws, "images", (len(store), store.dim), torch.float16,
+                     lambda lo, hi: torch.from_numpy(store.rows(lo, hi)), chunk=cfg.chunks.assign, reads=shards,
+                     desc="store rows", progress=progress)
+
+
+def semantic_space(u: Tensor, bank: Tensor, k: int, cfg: Config, seed: int, progress: bool) -> SemanticSpace:
+    space = counterparts.select_nouns(u, bank, k, cfg.semantic, seed=seed, chunks=cfg.chunks, progress=progress)
+    release(u)
+    return space
+
+
+def neighbour_lists(u: Tensor, v: Tensor, ws: Workspace, cfg: Config, seed: int,
+                    progress: bool) -> tuple[dict[str, Tensor], Optional[dict[str, float]]]:
+    """Both kNN lists [n, m] (m = min(neighbours.k, n - 1)) and, for an approximate
+    search with a recall sample, their recall@m against exact search."""
+    n, nc = u.shape[0], cfg.neighbours
+    m = min(nc.k, n - 1)
+    spaces = {"knn_image": u, "knn_text": v}
+    lists = {name: neighbours.knn_lists(z, m, cfg.chunks, nc, seed=0, ws=ws, name=name, progress=progress)
+             for name, z in spaces.items()}
+    recall = None
+    if nc.method != "exact" and nc.recall_sample:
+        recall = {name: neighbours.recall_at_k(z, lists[name], m, nc.recall_sample, seed=seed,
+                                               database_chunk=cfg.chunks.knn_database) for name, z in spaces.items()}
+        log.info("approximate kNN recall@%d: %s", m, recall)
+    release(u, v)
+    return lists, recall
+
+
+# ---- the fit ---------------------------------------------------------------------------
+
+def fit(inputs: Inputs, *, k: int, stage: int, cfg: Config, seed: int, device: torch.device,
+        encoder: Callable[[], Any], nouns: Any, work_dir: Optional[Path], resume: bool, progress: bool,
+        keep_all_encoder_weights: bool) -> FitResult:
+    """Every phase of a fit, in order (see the module doc). `encoder()` gives the CLIP
+    encoder (loaded on first call), needed for images and for word nouns."""
+    phases = Phases()
+    with phases("encode"):
+        enc = encode(inputs, encoder, k, cfg, device, progress)
+    u = enc.u
+    with phases("nouns"):
+        bank_all = noun_bank(nouns, inputs.store.dim if u is None else u.shape[1], encoder, progress)
+    ws = Workspace(work_dir, run_id(inputs, u, bank_all, k, seed, cfg), fresh=not resume)
+    if u is None:
+        with phases("store"):
+            u = store_rows(inputs.store, ws, cfg, progress).to(device)
+    n, d = u.shape
+    bank_all = bank_all.to(device)
+    with phases("kmeans"):
+        space = semantic_space(u, bank_all, k, cfg, seed, progress)
+        bank = space.bank(bank_all)
+    with phases("counterparts"):
+        v = counterparts.text_counterparts(u, bank, cfg.counterparts, cfg.chunks, ws=ws, progress=progress).to(device)
+    with phases("knn"):
+        lists, recall = neighbour_lists(u, v, ws, cfg, seed, progress)
+    with phases("stage1"):
+        r1 = stage1.train_stage1(u, v, k, lists["knn_image"], lists["knn_text"], cfg.stage1, seed=seed,
+                                 chunks=cfg.chunks, progress=progress, checkpoint=ws.path("stage1.ckpt"), resume=resume)
+    model: FittedModel = Stage1Model(r1.heads, bank, cfg)
+    labels, conf, history2 = r1.labels, r1.conf, []
+    if stage == 2:
+        with phases("stage2"):
+            model, r2 = _stage2(inputs, enc.kept, u, bank, r1, k, cfg, seed, device, encoder, ws, resume, progress,
+                                keep_all_encoder_weights)
+        labels, conf, centers, history2 = r2.labels.to(device), r2.conf.to(device), r2.centers, r2.history
+    else:
+        centers, _ = ops.center_update(u, k, labels=labels.to(u.device))
+    history = {
+        "stage1": r1.history, "stage2": history2, "seconds": phases.seconds, "phases": phases.rows,
+        "kmeans_objective": space.kmeans_objective, "nouns_total": int(bank_all.shape[0]),
+        "nouns_selected": int(bank.shape[0]), "skipped": enc.report.count, "knn_recall": recall,
+    }
+    log.info("fit phases:\n%s", phases.table())
+    return FitResult(model, r1.labels, labels, conf, centers, enc.kept, enc.n_total, d, enc.report, history)
+
+
+def _stage2(inputs: Inputs, kept: Tensor, u: Tensor, bank: Tensor, r1: stage1.Stage1Result, k: int, cfg: Config, seed: int,
+            device: torch.device, encoder: Callable[[], Any], ws: Workspace, resume: bool, progress: bool,
+            keep_all: bool) -> tuple[FittedModel, stage2.Stage2Result]:
+    """Self-enhancement: fine-tune a copy of the encoder (images) or a residual adapter
+    (embeddings only) with a copy of the stage-1 image head."""
+    if inputs.source is not None:
+        # tune a copy: the user's encoder object and the cached pristine CLIP stay as
+        # they were, so a second fit starts from the same weights as the first
+        tunable = copy.deepcopy(encoder())
+        source, mode = KeptSource(inputs.source, kept), "encoder"
+    else:
+        tunable = stage2.FeatureAdapter(u.shape[1], cfg.stage2).to(device)
+        source, mode = TensorSource(u.cpu()), "adapter"
+    head = copy.deepcopy(r1.heads.image)
+    r2 = stage2.train_stage2(tunable, source, head, r1.labels, r1.conf, k, cfg.stage2, mode=mode, seed=seed,
+                             progress=progress, checkpoint=ws.path("stage2.ckpt"), resume=resume)
+    if mode == "adapter":
+        return AdapterModel(r1.heads, bank, cfg, head=r2.head, adapter=tunable), r2
+    module = getattr(tunable, "model", tunable)
+    keys = [name for name, p in module.named_parameters() if p.requires_grad]
+    return EncoderModel(r1.heads, bank, cfg, head=r2.head, encoder=tunable, tuned_keys=keys, keep_all=keep_all), r2
