@@ -43,10 +43,12 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops.reference import cluster_infonce
+from .heads import Heads
 
 __all__ = [
     "TacCounterparts", "tac_counterparts", "tac_neighbours", "tac_training_free",
-    "tac_settings", "train_tac_heads", "TacHeads",
+    "tac_settings", "train_tac_heads", "tac_heads",
 ]
 
 LARGE_K = 100  # K at and above which TAC's large-K settings apply (see module docstring)
@@ -167,23 +169,14 @@ def tac_training_free(u: Tensor, v: Tensor, k: int, seed: int = 0, restarts: int
     return ops.kmeans(z, k, seed=seed, restarts=restarts, iters=300).labels.cpu().numpy()
 
 
-def _head(d: int, hidden: int, k: int) -> nn.Sequential:
-    h = nn.Sequential(nn.Linear(d, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, k), nn.Softmax(dim=1))
-    nn.init.trunc_normal_(h[0].weight, std=0.02)
-    nn.init.trunc_normal_(h[3].weight, std=0.02)
-    return h
-
-
-class TacHeads(nn.Module):
-    """TAC's two cluster heads: `image` on image features, `text` on counterparts."""
-
-    def __init__(self, dim: int, k: int, hidden: int = 512) -> None:
-        super().__init__()
-        self.image = _head(dim, hidden, k)
-        self.text = _head(dim, hidden, k)
-
-    def forward(self, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        return self.image(u), self.text(v)
+def tac_heads(dim: int, k: int, hidden: int = 512) -> Heads:
+    """TAC's two cluster heads (the same Linear-BN-ReLU-Linear as semclust's, `image` on
+    image features, `text` on counterparts) with TAC's truncated-normal initialisation."""
+    heads = Heads(dim, k, hidden)
+    for head in (heads.image, heads.text):
+        nn.init.trunc_normal_(head.net[0].weight, std=0.02)
+        nn.init.trunc_normal_(head.net[3].weight, std=0.02)
+    return heads
 
 
 def _entropy_of_mean(p: Tensor) -> Tensor:
@@ -195,16 +188,6 @@ def _consistency(p: Tensor, q: Tensor) -> Tensor:
     # BCE(<p_i, q_i>, 1) = -mean_i log <p_i, q_i>; BCE clamps the log at -100 like torch's
     s = (p * q).sum(1).clamp(0.0, 1.0)
     return nn.functional.binary_cross_entropy(s, torch.ones_like(s))
-
-
-def _cluster_infonce(a: Tensor, b: Tensor, tau: float) -> Tensor:
-    """Cluster-level InfoNCE between the K columns of a and of b ([B, K] each)."""
-    k = a.shape[1]
-    c = nn.functional.normalize(torch.cat([a.T, b.T]), dim=1)  # [2K, B]
-    sim = c @ c.T / tau
-    sim = sim.masked_fill(torch.eye(2 * k, dtype=torch.bool, device=sim.device), float("-inf"))
-    target = torch.cat([torch.arange(k, 2 * k), torch.arange(0, k)]).to(sim.device)
-    return nn.functional.cross_entropy(sim, target, reduction="sum") / (2 * k)
 
 
 def _check_neighbours(name: str, idx: Tensor, n: int) -> Tensor:
@@ -271,7 +254,7 @@ def train_tac_heads(
     devices = [u.device] if u.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        model = TacHeads(d, k, hidden).to(u.device)
+        model = tac_heads(d, k, hidden).to(u.device)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99))
     history = []
@@ -286,9 +269,9 @@ def train_tac_heads(
             idx = perm[s * bs : (s + 1) * bs]
             ni = nb_img[idx, pick_i[idx]]
             nt = nb_txt[idx, pick_t[idx]]
-            p, q = model(u[idx], v[idx])
-            p_nb, q_nb = model(u[ni], v[nt])
-            distill = _cluster_infonce(p, q_nb, tau) + _cluster_infonce(q, p_nb, tau)
+            p, q = (torch.softmax(z, 1) for z in model(u[idx], v[idx]))
+            p_nb, q_nb = (torch.softmax(z, 1) for z in model(u[ni], v[nt]))
+            distill = cluster_infonce(p, q_nb, tau) + cluster_infonce(q, p_nb, tau)
             consist = _consistency(q, p)
             ent = _entropy_of_mean(q) + _entropy_of_mean(p)
             loss = distill + consist - entropy_weight * ent
@@ -303,9 +286,9 @@ def train_tac_heads(
     with torch.no_grad():
         probs = []
         for s in range(0, n, 8192):
-            p = model.image(u[s : s + 8192])
+            p = torch.softmax(model.image(u[s : s + 8192]), 1)
             if predict == "mean":
-                p = 0.5 * (p + model.text(v[s : s + 8192]))
+                p = 0.5 * (p + torch.softmax(model.text(v[s : s + 8192]), 1))
             probs.append(p)
         probs = torch.cat(probs)
     conf, labels = probs.max(1)
