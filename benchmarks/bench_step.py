@@ -16,7 +16,7 @@ Step rows (batch B in {512, 4096}, D = 512, K in {10, 100, 1000}; hidden 512, Ad
 Op rows (CPU): assign / knn through the extension vs a bare GEMM of the same shape (the
 floor: x c^T for assign; the chunked N x N product into a reused buffer for knn), vs
 the torch backend, and knn vs faiss-cpu IndexFlatIP (exact; it searches k+1 and drops
-the query itself). retrieve and center_update vs the torch backend.
+the query itself). center_update vs the torch backend.
 
 Timing: median of the repeats (min in the JSON) after a warm-up call, the candidates
 timed round-robin. Wall clock by default; the machine this was written on has 2 cores
@@ -215,12 +215,6 @@ def bench_ops(quick: bool, repeats: int) -> list[dict]:
             row["faiss_ms"] = fa_t["median_ms"]
             row["faiss_over_ext"] = fa_t["median_ms"] / ext_t["median_ms"]
         rows.append(row)
-    for n, w in ([(5000, 1000)] if quick else [(20000, 1000), (20000, 5000)]):
-        x, bank = unit(n, d), unit(w, d)
-        ext_t = timeit(lambda: E.retrieve(x, bank, 0.005, True), repeats)
-        torch_t = timeit(lambda: R.retrieve(x, bank, 0.005), repeats)
-        rows.append({"op": "retrieve", "shape": f"N={n} W={w} D={d}", "ext_ms": ext_t["median_ms"],
-                     "torch_ms": torch_t["median_ms"], "speedup_vs_torch": torch_t["median_ms"] / ext_t["median_ms"]})
     for n, k in ([(20000, 100)] if quick else [(100000, 10), (100000, 300), (512, 10)]):
         x, lab = unit(n, d), torch.randint(k, (n,), generator=g)
         p, prev = torch.softmax(torch.randn(n, k, generator=g), 1), unit(k, d)

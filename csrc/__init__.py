@@ -1,7 +1,7 @@
 """The `ext` backend of `semclust.ops`: C++ (OpenMP) and CUDA sources in this folder,
 installed as `semclust.csrc`.
 
-`build.py` builds, caches and loads the library (see its docstring for the build policy),
+`library.py` builds, caches and loads the library (see its docstring for the build policy),
 `ops.py` is each op's Python face (fake kernel, autograd Function, dispatcher entry).
 Importing this package loads an already-built library and registers the ops; nothing is
 compiled unless the ext backend is forced (`SEMCLUST_BACKEND=ext` /

@@ -21,8 +21,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> assign_cpu(const at::Tensor& x, const at::Tensor& c,
                                                                       double tau, bool return_probs);
 
-at::Tensor retrieve_cpu(const at::Tensor& x, const at::Tensor& bank, double tau, bool normalize);
-
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& queries, int64_t k,
                                            bool exclude_self);
 
@@ -50,7 +48,6 @@ TORCH_LIBRARY(semclust_ext, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // assign returns (labels, conf, colsum, probs); probs is [0, K] unless return_probs
   m.def("assign(Tensor x, Tensor c, float tau, bool return_probs) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("retrieve(Tensor x, Tensor bank, float tau, bool normalize) -> Tensor");
   m.def("knn(Tensor x, Tensor? queries, int k, bool exclude_self) -> (Tensor, Tensor)");
   m.def(
       "center_update(Tensor x, int k, Tensor? labels, Tensor? probs, bool normalize, Tensor? previous, "
@@ -61,7 +58,6 @@ TORCH_LIBRARY(semclust_ext, m) {
 TORCH_LIBRARY_IMPL(semclust_ext, CPU, m) {
   m.impl("fused_step", &semclust_ext::fused_step_cpu);
   m.impl("assign", &semclust_ext::assign_cpu);
-  m.impl("retrieve", &semclust_ext::retrieve_cpu);
   m.impl("knn", &semclust_ext::knn_cpu);
   m.impl("center_update", &semclust_ext::center_update_cpu);
 }

@@ -1,4 +1,4 @@
-// Inline math shared by the CPU sources (fused_step.cpp, ops_cpu.cpp).
+// Inline math shared by the CPU sources (fused_step.cpp, assign.cpp).
 #pragma once
 
 #include <algorithm>

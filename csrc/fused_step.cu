@@ -28,6 +28,8 @@
 #include <limits>
 #include <tuple>
 
+#include "check_inputs.h"
+
 namespace semclust_ext {
 namespace {
 
@@ -543,10 +545,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& logits_i, const at::Tensor& logits_t, const at::Tensor& u, const at::Tensor& v,
     const c10::optional<at::Tensor>& centers, const c10::optional<at::Tensor>& weights, double cluster_tau,
     double center_tau, double w_instance, double w_assignment, double w_center, double w_balance) {
-  TORCH_CHECK(logits_i.dim() == 2 && logits_t.sizes() == logits_i.sizes(), "fused_step: logits_i and logits_t must be [2B, K] of one shape");
-  TORCH_CHECK(u.dim() == 2 && v.sizes() == u.sizes() && logits_i.size(0) == 2 * u.size(0), "fused_step: u, v must be [B, D] with 2B logits rows");
-  TORCH_CHECK(logits_i.scalar_type() == logits_t.scalar_type() && u.scalar_type() == logits_i.scalar_type() &&
-              v.scalar_type() == logits_i.scalar_type(), "fused_step: all inputs must share one dtype");
+  check_fused_step_inputs(logits_i, logits_t, u, v);
   const c10::cuda::OptionalCUDAGuard guard(logits_i.device());
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(logits_i.scalar_type(), "fused_step_cuda", [&] {

@@ -4,8 +4,9 @@ with `torch.utils.cpp_extension` + ninja, cached, loaded with `torch.ops.load_li
 What it provides:
   * `fused_step` (CPU and CUDA): the stage-1 loss and its logit gradients in one call
     (see `semclust.ops.fused_step`).
-  * CPU fast paths (`assign.cpp`, `knn.cpp`, `center_update.cpp`: a GEMM tile per thread with the op's epilogue
-    fused onto it). Registered with the dispatcher because they beat the torch backend
+  * CPU fast paths (`assign.cpp`, `knn.cpp`, `center_update.cpp`, sharing `cpu_common.h`:
+    a GEMM tile per thread with the op's epilogue fused onto it). Registered with the
+    dispatcher because they beat the torch backend
     (benchmarks/bench_step.py, 2-core AVX-512 CPU, 1 and 2 threads):
       assign         1.2-1.5x faster; within 1.05-1.2x of a bare GEMM of the same shape
       knn            6-30x faster (no sort of the [chunk, N] scores); on a par with
@@ -14,9 +15,9 @@ What it provides:
                      the running top-k's insertions rival the small GEMM)
       center_update  hard labels 1.7-3.5x; soft at stage-1 sizes ~1.8x (large N: the
                      same GEMM as torch, 1.0x)
-    Not registered: `retrieve` (0.8-1.16x: two GEMMs either way, so no reliable gain; it
-    stays callable as `torch.ops.semclust_ext.retrieve`) and `balance` (not implemented:
-    only the Python loss graph uses it, and `fused_step` replaces that graph).
+    Not implemented: `retrieve` (an ext version measured 0.8-1.16x torch: two GEMMs
+    either way, so no reliable gain; it was removed) and `balance` (only the Python loss
+    graph uses it, and `fused_step` replaces that graph).
     Forcing `ext` therefore covers stage 1 (knn, fused_step, center_update) and k-means
     (assign, center_update); a forced `ext` stops at `retrieve` / `balance` with
     BackendUnavailable, as for any backend lacking an op.
@@ -69,9 +70,11 @@ import torch
 log = logging.getLogger(__name__)
 
 NAMESPACE = "semclust_ext"
-CPU_SOURCES = ("bindings.cpp", "fused_step.cpp", "ops_cpu.cpp")
-CPU_HEADERS = ("cpu_math.h",)
+# the build hash covers every file compiled (SOURCES) or included (HEADERS) by a part
+CPU_SOURCES = ("bindings.cpp", "fused_step.cpp", "assign.cpp", "knn.cpp", "center_update.cpp")
+CPU_HEADERS = ("cpu_math.h", "cpu_common.h", "check_inputs.h")
 CUDA_SOURCES = ("fused_step.cu",)
+CUDA_HEADERS = ("check_inputs.h",)
 CPU_CFLAGS = ("-O3", "-march=native", "-fopenmp")
 CPU_LDFLAGS = ("-fopenmp",)
 CUDA_CFLAGS = ("-O3",)
@@ -139,7 +142,7 @@ def _cuda_arch_flags() -> list[str]:
 def _part_sources(part: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(compiled sources, other files the build depends on). The CUDA library adds kernels
     to the operators bindings.cpp defines, so their schemas are part of its identity."""
-    return (CPU_SOURCES, CPU_HEADERS) if part == "cpu" else (CUDA_SOURCES, ("bindings.cpp",))
+    return (CPU_SOURCES, CPU_HEADERS) if part == "cpu" else (CUDA_SOURCES, CUDA_HEADERS + ("bindings.cpp",))
 
 
 def build_name(part: str = "cpu") -> str:

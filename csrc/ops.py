@@ -91,12 +91,6 @@ def assign(x: Tensor, c: Tensor, tau: float, return_probs: bool = False, chunk_s
     return AssignResult(labels, conf, colsum, probs if return_probs else None)
 
 
-# ---- retrieve (compiled, not registered: not reliably faster than torch) ---------------
-
-def _retrieve_fake(x, bank, tau, normalize):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
 # ---- knn -------------------------------------------------------------------------------
 
 def _knn_fake(x, queries, k, exclude_self):
@@ -240,5 +234,4 @@ def activate() -> None:
         fake, impl = _OPS[op]
         torch.library.register_fake(f"{NAMESPACE}::{op}")(fake)
         register("ext", op)(impl)
-    torch.library.register_fake(f"{NAMESPACE}::retrieve")(_retrieve_fake)
     dispatch.mark_unavailable("ext", None)

@@ -9,6 +9,7 @@ folder, in a child process (nothing is loaded; no GPU is needed). It takes 1-2 m
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -134,10 +135,35 @@ def test_build_name_follows_the_sources(monkeypatch, tmp_path):
     (src / "cpu_math.h").write_text((src / "cpu_math.h").read_text() + "\n// edited\n")
     assert ext.build_name("cpu") not in (cpu, cpu2)
     (src / "fused_step.cu").write_text((src / "fused_step.cu").read_text() + "\n// edited\n")
-    assert ext.build_name("cuda") != cuda
+    cuda2 = ext.build_name("cuda")
+    assert cuda2 != cuda
+    cpu3 = ext.build_name("cpu")
+    (src / "cpu_common.h").write_text((src / "cpu_common.h").read_text() + "\n// edited\n")
+    cpu4 = ext.build_name("cpu")
+    assert cpu4 != cpu3 and ext.build_name("cuda") == cuda2
+    (src / "check_inputs.h").write_text((src / "check_inputs.h").read_text() + "\n// edited\n")
+    assert ext.build_name("cpu") != cpu4 and ext.build_name("cuda") != cuda2  # included by both parts
     monkeypatch.setenv("SEMCLUST_EXT_DIR", str(tmp_path / "cache"))
     assert ext.build_dir("cpu") == tmp_path / "cache" / ext.build_name("cpu")
     assert not ext.is_built("cpu")  # edited sources are never served from an older build
+
+
+def test_build_hash_covers_every_compiled_or_included_file():
+    """Each part's hash lists every local file its sources compile or #include "...", and
+    the folder holds no C++ / CUDA file that no part builds."""
+    src = ext.source_dir()
+    for part in ("cpu", "cuda"):
+        sources, deps = library._part_sources(part)
+        todo, seen = list(sources), set()
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            todo += re.findall(r'^\s*#\s*include\s+"([^"]+)"', (src / name).read_text(), re.M)
+        assert seen <= set(sources) | set(deps), (part, seen - set(sources) - set(deps))
+    on_disk = {p.name for p in src.iterdir() if p.suffix in (".cpp", ".cu", ".h")}
+    assert on_disk == set(library.CPU_SOURCES + library.CPU_HEADERS + library.CUDA_SOURCES + library.CUDA_HEADERS)
 
 
 # ---- import / force policy ------------------------------------------------------------------

@@ -1,0 +1,121 @@
+// CPU fast path of ops.knn: the database is walked once in blocks; every thread scores
+// its query tiles against the block (a GEMM into a reused tile) and keeps a running
+// top-k per query row, so the N x N matrix never exists and no scores are sorted.
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_common.h"
+
+namespace semclust_ext {
+namespace {
+
+// Insert (s, id) into a row's running top-k (best first). Candidates arrive in increasing
+// database index, so an equal score stays behind the earlier (lower) index.
+template <typename T>
+inline void topk_insert(T* sc, int64_t* ix, int64_t& count, int64_t k, T s, int64_t id) {
+  // the list is sorted: the insert position is the number of scores >= s (a branch-free
+  // vector count is cheaper than a binary search's mispredicted branches)
+  int64_t lo = 0;
+#pragma omp simd reduction(+ : lo)
+  for (int64_t j = 0; j < count; ++j) lo += sc[j] >= s;
+  const int64_t last = count < k ? count++ : k - 1;  // the k-th best falls off a full list
+  // shift the tail by one (an inline loop: a memmove call costs more than these few moves)
+#pragma GCC unroll 4
+  for (int64_t j = last; j > lo; --j) {
+    sc[j] = sc[j - 1];
+    ix[j] = ix[j - 1];
+  }
+  sc[lo] = s;
+  ix[lo] = id;
+}
+
+// Offer r[0..n) (database indices base..base+n) to one row's top-k. Most scores are below
+// the k-th best: test 16 at a time and visit only the ones above it.
+template <typename T>
+inline void topk_scan(const T* r, int64_t n, int64_t base, int64_t self, T* sc, int64_t* ix, int64_t& count,
+                      int64_t k) {
+  T thr = count < k ? -std::numeric_limits<T>::infinity() : sc[k - 1];
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j + 16 <= n; j += 16) {
+      __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(r + j), _mm512_set1_ps(thr), _CMP_GT_OQ);
+      while (m) {
+        const int64_t v = j + __builtin_ctz(m);
+        m &= m - 1;
+        if (r[v] > thr && v != self) {
+          topk_insert(sc, ix, count, k, r[v], base + v);
+          thr = count < k ? -std::numeric_limits<T>::infinity() : sc[k - 1];
+        }
+      }
+    }
+  }
+#endif
+  for (; j < n; ++j)
+    if (r[j] > thr && j != self) {
+      topk_insert(sc, ix, count, k, r[j], base + j);
+      thr = count < k ? -std::numeric_limits<T>::infinity() : sc[k - 1];
+    }
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> knn_impl(const at::Tensor& x, const at::Tensor& queries, int64_t k,
+                                            bool drop_self) {
+  const int64_t N = x.size(0), Q = queries.size(0);
+  const auto opts = x.options().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor scores = at::empty({Q, k}, opts);
+  at::Tensor index = at::empty({Q, k}, x.options().dtype(at::kLong));
+  std::vector<int64_t> count(Q, 0);
+  T* sc = scores.data_ptr<T>();
+  int64_t* ix = index.data_ptr<int64_t>();
+  const at::Tensor q = queries.to(opts.dtype());
+  const int64_t ntiles = (Q + kKnnQueryTile - 1) / kKnnQueryTile;
+#pragma omp parallel num_threads(num_threads())
+  {
+    at::Tensor S = at::empty({kKnnQueryTile, kKnnDbBlock}, opts);
+    // the outer loop walks the database once; every thread scores its query tiles
+    // against the block while it is in the shared cache
+    for (int64_t d0 = 0; d0 < N; d0 += kKnnDbBlock) {
+      const int64_t nd = std::min(kKnnDbBlock, N - d0);
+      const at::Tensor xb = x.narrow(0, d0, nd).to(opts.dtype());
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < ntiles; ++t) {
+        const int64_t q0 = t * kKnnQueryTile, nq = std::min(kKnnQueryTile, Q - q0);
+        at::Tensor st = S.narrow(0, 0, nq).narrow(1, 0, nd);
+        at::mm_out(st, q.narrow(0, q0, nq), xb.t());
+        const T* sp = S.data_ptr<T>();
+        for (int64_t i = 0; i < nq; ++i) {
+          const int64_t row = q0 + i;
+          topk_scan(sp + i * kKnnDbBlock, nd, d0, drop_self ? row - d0 : -1, sc + row * k, ix + row * k, count[row],
+                    k);
+        }
+      }
+    }
+  }
+  return {scores.to(queries.scalar_type()), index};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& queries, int64_t k,
+                                           bool exclude_self) {
+  const bool given = queries.has_value() && queries->defined();
+  const at::Tensor& q = given ? *queries : x;
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == q.size(1), "knn: x [N, D] and queries [Q, D] expected");
+  const int64_t candidates = x.size(0) - (!given && exclude_self ? 1 : 0);
+  TORCH_CHECK(k >= 1 && k <= candidates, "knn: k must be in [1, ", candidates, "], got ", k);
+  if (compute_type(x, q) == at::kDouble) return knn_impl<double>(x, q, k, !given && exclude_self);
+  return knn_impl<float>(x, q, k, !given && exclude_self);
+}
+
+}  // namespace semclust_ext
