@@ -25,7 +25,6 @@ import semclust.ops as ops
 
 N, DIM, K = 600, 16, 5
 N_ODD = 601  # uneven shards
-K_BIG = 350  # more neighbours than any one shard holds
 KM = dict(k=K, iters=30, restarts=2, seed=3)
 SAMPLE = 200  # < N: the subsampled seeding path
 SPAWN_TIMEOUT_S = 120  # a hung collective fails the test instead of blocking CI
@@ -45,10 +44,6 @@ def duplicates() -> torch.Tensor:
     return blobs(3, seed=5).repeat(40, 1)
 
 
-def fixed_centres() -> torch.Tensor:
-    return blobs(K, seed=9)
-
-
 def reversed_shard(n: int, rank: int, world: int) -> tuple[int, int]:
     """Rank r holds the block shard_range gives rank world-1-r: offsets not in rank order."""
     return D.shard_range(n, world - 1 - rank, world)
@@ -57,33 +52,23 @@ def reversed_shard(n: int, rank: int, world: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------- workers
 
 
+def sharded_kmeans(x_local: torch.Tensor, *args, global_offset=None, **kw):
+    return ops.kmeans(x_local, *args, reduce=D.ShardedRows(global_offset), **kw)
+
+
 def _run_cases(rank: int, world: int) -> dict:
     out: dict = {}
+    assert D.rank_world() == (rank, world)
     s, e = D.shard_range(N, rank, world)
     x = blobs(N)[s:e]
-    out["kmeans"] = tuple(D.kmeans(x, **KM))
-    out["kmeans_sampled"] = tuple(D.kmeans(x, sample=SAMPLE, **KM))
+    out["kmeans"] = tuple(sharded_kmeans(x, **KM))
+    out["kmeans_sampled"] = tuple(sharded_kmeans(x, init_sample=SAMPLE, **KM))
     rs, re_ = reversed_shard(N, rank, world)
-    out["kmeans_reversed"] = tuple(D.kmeans(blobs(N)[rs:re_], sample=SAMPLE, global_offset=rs, **KM))
-    ds, de = D.shard_range(120, rank, world)
-    out["kmeans_empty"] = tuple(D.kmeans(duplicates()[ds:de], 4, iters=10, restarts=2, seed=0))
-
-    out["knn"] = D.knn_ring(x, 10)
+    out["kmeans_reversed"] = tuple(sharded_kmeans(blobs(N)[rs:re_], init_sample=SAMPLE, global_offset=rs, **KM))
     s2, e2 = D.shard_range(N_ODD, rank, world)
-    x2 = blobs(N_ODD)[s2:e2]
-    out["knn_odd_big"] = D.knn_ring(x2, K_BIG, query_chunk=128, database_chunk=64)
-    out["knn_with_self"] = D.knn_ring(x2, 20, exclude_self=False)
-    out["knn_fp16"] = D.knn_ring(blobs(N_ODD, dtype=torch.float16)[s2:e2], 7)
-    rs2, re2 = reversed_shard(N_ODD, rank, world)
-    out["knn_reversed"] = D.knn_ring(blobs(N_ODD)[rs2:re2], 12, global_offset=rs2)
-
-    probs = ops.assign(x, fixed_centres(), 0.1, return_probs=True).probs.requires_grad_(True)
-    shares = D.cluster_shares(probs)
-    weights = torch.arange(1.0, K + 1)
-    (shares * weights).sum().backward()
-    out["shares"] = shares.detach()
-    out["shares_grad"] = probs.grad
-    out["shares_colsum"] = D.cluster_shares(ops.assign(x, fixed_centres(), 0.1).colsum, x.shape[0])
+    out["kmeans_random_fp16"] = tuple(sharded_kmeans(blobs(N_ODD, dtype=torch.float16)[s2:e2], init="random", **KM))
+    ds, de = D.shard_range(120, rank, world)
+    out["kmeans_empty"] = tuple(sharded_kmeans(duplicates()[ds:de], 4, iters=10, restarts=2, seed=0))
 
     out["gathered"] = D.all_gather_rows(torch.full((rank + 1, 2), float(rank)))
     out["reduced"] = D.all_reduce_sum(torch.tensor([float(rank), 1.0]))
@@ -91,7 +76,7 @@ def _run_cases(rank: int, world: int) -> dict:
     if rank == world - 1:
         bad[0, 0] = float("nan")
     try:
-        D.knn_ring(bad, 3)
+        sharded_kmeans(bad, 3)
         out["error"] = None
     except ValueError as err:  # every rank must raise, none may wait in a collective
         out["error"] = str(err)
@@ -150,21 +135,21 @@ def _torch_backend():
         yield
 
 
-def assert_same_kmeans(ranks: list[dict], key: str, want, order=None, objective_atol=1e-9) -> None:
-    for r in ranks:  # every rank holds the same centres and objective
-        torch.testing.assert_close(r[key][0], want.centers, atol=1e-5, rtol=0)
-        assert float(r[key][2]) == pytest.approx(float(want.objective), abs=objective_atol)
+def assert_same_kmeans(ranks: list[dict], key: str, want, order=None, objective_atol=1e-6, centre_atol=1e-5,
+                       occupied_only=False) -> None:
+    """Every rank holds `want`'s centres and objective; the ranks' labels, in shard order, are want's.
+
+    The objective (a float64 sum of float32 chunk sums) depends on where the shards split,
+    hence 1e-6. `occupied_only`: a cluster left empty keeps one of several rows that are
+    all (up to rounding) 0 away from their centres, so only the occupied centres must agree.
+    """
     labels = torch.cat([ranks[i][key][1] for i in (order or range(len(ranks)))])
     assert torch.equal(labels, want.labels)
-
-
-def assert_same_knn(ranks: list[dict], key: str, want, order=None) -> None:
-    order = order or range(len(ranks))
-    scores = torch.cat([ranks[i][key][0] for i in order])
-    idx = torch.cat([ranks[i][key][1] for i in order])
-    assert scores.dtype == want[0].dtype and idx.dtype == torch.int64
-    assert torch.equal(idx, want[1])
-    torch.testing.assert_close(scores, want[0], atol=1e-6, rtol=0)
+    keep = torch.bincount(want.labels, minlength=want.centers.shape[0]) > 0 if occupied_only else slice(None)
+    for r in ranks:  # every rank holds the same centres and objective
+        torch.testing.assert_close(r[key][0][keep], want.centers[keep], atol=centre_atol, rtol=0)
+        assert float(r[key][2]) == pytest.approx(float(want.objective), abs=objective_atol)
+    assert all(torch.equal(r[key][0], ranks[0][key][0]) and float(r[key][2]) == float(ranks[0][key][2]) for r in ranks)
 
 
 # --------------------------------------------------------------------------- multi-rank
@@ -177,69 +162,41 @@ def test_ranks_joined_a_gloo_group(ranks):
 
 
 def test_kmeans_equals_one_process(ranks):
-    want = D.kmeans(blobs(N), **KM)
+    want = sharded_kmeans(blobs(N), **KM)  # world 1: no process group
+    # the objective's float64 sum of float32 chunk sums depends on where the shards split
     assert_same_kmeans(ranks, "kmeans", want)
 
 
 def test_kmeans_with_all_rows_sampled_equals_ops_kmeans(ranks):
-    """N <= sample: the seeding sees every row in order, exactly as ops.kmeans seeds."""
-    want = ops.kmeans(blobs(N), **KM)
-    # ops.kmeans sums the objective's chunks in float32 first
-    assert_same_kmeans(ranks, "kmeans", want, objective_atol=1e-6)
+    """N <= init_sample: the seeding sees every row in order, exactly as ops.kmeans seeds."""
+    assert_same_kmeans(ranks, "kmeans", ops.kmeans(blobs(N), **KM))
 
 
 def test_kmeans_subsampled_seeding_equals_one_process(ranks):
-    want = D.kmeans(blobs(N), sample=SAMPLE, **KM)
+    want = ops.kmeans(blobs(N), init_sample=SAMPLE, **KM)
     assert_same_kmeans(ranks, "kmeans_sampled", want)
     # the subsample depends on the seed, not on how the rows are sharded
     assert_same_kmeans(ranks, "kmeans_reversed", want, order=list(reversed(range(len(ranks)))))
 
 
+def test_kmeans_random_init_fp16_uneven_shards(ranks):
+    x = blobs(N_ODD, dtype=torch.float16)
+    assert_same_kmeans(ranks, "kmeans_random_fp16", ops.kmeans(x, init="random", **KM))
+
+
 def test_kmeans_reseeds_empty_clusters_identically(ranks, monkeypatch):
     emptied = []
-    reseed = D._reseed_empty
+    farthest = D.ShardedRows.farthest
 
-    def spy(xf, centers, labels, counts, lay, chunk_size):
-        emptied.append(int((counts <= 0).sum()))
-        return reseed(xf, centers, labels, counts, lay, chunk_size)
+    def spy(self, x, dist, e):
+        emptied.append(e)
+        return farthest(self, x, dist, e)
 
-    monkeypatch.setattr(D, "_reseed_empty", spy)
-    want = D.kmeans(duplicates(), 4, iters=10, restarts=2, seed=0)
-    assert max(emptied) > 0, "the duplicated rows should have emptied a cluster"
+    monkeypatch.setattr(D.ShardedRows, "farthest", spy)
+    want = sharded_kmeans(duplicates(), 4, iters=10, restarts=2, seed=0)
+    assert max(emptied, default=0) > 0, "the duplicated rows should have emptied a cluster"
     assert_same_kmeans(ranks, "kmeans_empty", want)
-
-
-def test_knn_ring_equals_ops_knn(ranks):
-    assert_same_knn(ranks, "knn", ops.knn(blobs(N), 10))
-
-
-def test_knn_ring_uneven_shards_and_k_beyond_a_shard(ranks):
-    assert max(r["knn_odd_big"][0].shape[0] for r in ranks) < K_BIG
-    assert_same_knn(ranks, "knn_odd_big", ops.knn(blobs(N_ODD), K_BIG))
-
-
-def test_knn_ring_keeping_self(ranks):
-    assert_same_knn(ranks, "knn_with_self", ops.knn(blobs(N_ODD), 20, exclude_self=False))
-
-
-def test_knn_ring_fp16(ranks):
-    assert_same_knn(ranks, "knn_fp16", ops.knn(blobs(N_ODD, dtype=torch.float16), 7))
-
-
-def test_knn_ring_with_global_offsets(ranks):
-    order = list(reversed(range(len(ranks))))
-    assert_same_knn(ranks, "knn_reversed", ops.knn(blobs(N_ODD), 12), order=order)
-
-
-def test_cluster_shares_equal_the_global_marginal(ranks):
-    probs = ops.assign(blobs(N), fixed_centres(), 0.1, return_probs=True).probs
-    want = ops.balance(probs).marginal
-    for r in ranks:
-        torch.testing.assert_close(r["shares"], want, atol=1e-6, rtol=0)
-        torch.testing.assert_close(r["shares_colsum"], want, atol=1e-6, rtol=0)
-    # the gradient reaching each rank's rows is that of the global loss sum_k w_k p_bar_k
-    grads = torch.cat([r["shares_grad"] for r in ranks])
-    torch.testing.assert_close(grads, (torch.arange(1.0, K + 1) / N).expand(N, K), atol=1e-9, rtol=0)
+    assert_same_kmeans(ranks, "kmeans_empty", ops.kmeans(duplicates(), 4, iters=10, restarts=2, seed=0))
 
 
 def test_collectives(ranks):
@@ -279,31 +236,29 @@ def test_world_one_needs_no_process_group(monkeypatch):
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     assert D.init_from_env(backend="gloo") == D.DistInfo(0, 1, torch.device("cpu"))
-    assert not dist.is_initialized() and not D.is_distributed()
+    assert not dist.is_initialized() and not D.is_distributed() and D.rank_world() == (0, 1)
     x = blobs(N)
     t = torch.ones(3)
     assert D.all_reduce_sum(t) is t and D.all_gather_rows(t) is t
-    assert_same_knn([{"k": D.knn_ring(x, 5)}], "k", ops.knn(x, 5))
-    probs = ops.assign(x, fixed_centres(), 0.1, return_probs=True).probs
-    torch.testing.assert_close(D.cluster_shares(probs), ops.balance(probs).marginal, atol=1e-6, rtol=0)
-    r = D.kmeans(x, **KM)
-    assert r.labels.shape == (N,) and r.centers.shape == (K, DIM)
-    again = D.kmeans(x, **KM)
-    assert torch.equal(again.centers, r.centers) and torch.equal(again.labels, r.labels)
+    for kw in ({}, {"init_sample": SAMPLE}, {"init": "random"}):
+        r = sharded_kmeans(x, **KM, **kw)
+        want = ops.kmeans(x, **KM, **kw)  # one shard is ops.kmeans bit for bit (no empty cluster here)
+        assert torch.equal(r.centers, want.centers) and torch.equal(r.labels, want.labels)
+        assert float(r.objective) == float(want.objective)
     assert not dist.is_initialized()
 
 
 def test_input_errors():
     x = blobs(20)
-    with pytest.raises(ValueError, match="k must be in"):
-        D.knn_ring(x, 20)
-    with pytest.raises(ValueError, match="seeding sample holds 8 rows"):
-        D.kmeans(x, 9, sample=8)
+    with pytest.raises(ValueError, match="init_sample"):
+        sharded_kmeans(x, 9, init_sample=8)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 20\]"):
+        sharded_kmeans(x, 21)
     with pytest.raises(ValueError, match="empty"):
-        D.kmeans(x[:0], 2)
+        sharded_kmeans(x[:0], 2)
     with pytest.raises(ValueError, match="tile"):
-        D.knn_ring(x, 3, global_offset=4)
-    with pytest.raises(ValueError, match="needs n_local"):
-        D.cluster_shares(torch.ones(3))
+        sharded_kmeans(x, 3, global_offset=4)
+    with pytest.raises(ValueError, match="NaN"):
+        sharded_kmeans(torch.full((4, 3), float("nan")), 2)
     with pytest.raises(ValueError, match="backend"):
         D.init_from_env(backend="mpi")

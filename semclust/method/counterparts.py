@@ -45,14 +45,12 @@ def select_nouns(
     """Choose the nouns near the images' semantic centres. u [N, D], nouns [W, D]."""
     n = u.shape[0]
     m = min(n, max(k, n // cfg.images_per_centre))
-    if dist.is_distributed():
-        # each rank reads its shard of rows; centres are all-reduced, identical everywhere
-        lo, hi = dist.shard_range(n, torch.distributed.get_rank(), torch.distributed.get_world_size())
-        km = dist.kmeans(u[lo:hi], m, iters=cfg.kmeans_iters, restarts=cfg.kmeans_restarts, seed=seed,
-                         global_offset=lo, chunk_size=chunks.assign)
-    else:
-        km = ops.kmeans(u, m, iters=cfg.kmeans_iters, restarts=cfg.kmeans_restarts, seed=seed, chunk_size=chunks.assign,
-                        progress=progress)
+    rank, world = dist.rank_world()
+    # distributed: each rank reads its shard of rows; centres are all-reduced, identical everywhere
+    lo, hi = dist.shard_range(n, rank, world)
+    reduce = dist.ShardedRows(global_offset=lo) if dist.is_distributed() else None
+    km = ops.kmeans(u[lo:hi], m, iters=cfg.kmeans_iters, restarts=cfg.kmeans_restarts, seed=seed,
+                    chunk_size=chunks.assign, progress=progress and rank == 0, reduce=reduce)
     votes = ops.assign(nouns, km.centers.to(nouns.dtype), cfg.noun_tau, chunk_size=chunks.assign)
     chosen = []
     for c in range(m):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Optional, Protocol
 
 import torch
 from torch import Tensor
@@ -18,16 +19,62 @@ log = logging.getLogger(__name__)
 _HARD_TAU = 1e-2
 
 
-def _objective(x: Tensor, centers: Tensor, labels: Tensor, chunk_size: int) -> Tensor:
+class KMeansReducer(Protocol):
+    """What `kmeans` needs to know of rows it does not hold (faiss contrib.clustering's
+    `DatasetAssign` idea): `x` is this process's shard of N rows, and the reducer reaches
+    the others. `semclust.runtime.distributed.ShardedRows` is the torch.distributed one.
+
+    Every process calls each method with the same arguments other than its own shard,
+    in the same order, so a method may be a collective.
+    """
+
+    def total_rows(self, x: Tensor) -> int:
+        """N, the rows of all shards. Called first, once per `kmeans` call: check every
+        shard here and raise on every process alike (a bad shard must not leave the
+        others waiting in a later collective)."""
+        ...
+
+    def take(self, x: Tensor, ids: Tensor) -> Tensor:
+        """The rows with global ids `ids` [m] (the same on every process), in that order:
+        [m, D], any floating dtype (`kmeans` converts them to float32)."""
+        ...
+
+    def sum(self, t: Tensor) -> Tensor:
+        """`t` summed over the shards, the same on every process (may work in place)."""
+        ...
+
+    def farthest(self, x: Tensor, dist: Tensor, e: int) -> Tensor:
+        """The min(e, N) rows with the largest `dist` [n_local] over all shards, largest
+        first and the same on every process: [min(e, N), D], any floating dtype."""
+        ...
+
+
+def _objective(x: Tensor, centers: Tensor, labels: Tensor, chunk_size: int, n: Optional[int] = None,
+               reduce: Optional[KMeansReducer] = None) -> Tensor:
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     for s in range(0, x.shape[0], chunk_size):
         xs = x[s : s + chunk_size].float()
         total += (1.0 - (xs * centers[labels[s : s + chunk_size]].float()).sum(1)).sum().double()
+    if reduce is not None:
+        total = reduce.sum(total.reshape(1))[0]
     # 1 - cos can round to -1e-8 for a point on its centre
-    return (total / x.shape[0]).clamp_min(0.0)
+    return (total / (x.shape[0] if n is None else n)).clamp_min(0.0)
 
 
-def _reseed_empty(x: Tensor, centers: Tensor, labels: Tensor, counts: Tensor, chunk_size: int) -> Tensor:
+def _global_means(means: Tensor, counts: Tensor, reduce: KMeansReducer) -> tuple[Tensor, Tensor]:
+    """The means and counts of all shards from this shard's float32 means and counts.
+
+    A float32 mean times its integer count (< 2^24) is exact in float64, so the shards'
+    sums are added exactly as float64 and one shard gives back its means bit for bit.
+    """
+    acc = torch.cat([means.double() * counts.double()[:, None], counts.double()[:, None]], dim=1)
+    acc = reduce.sum(acc)
+    counts = acc[:, -1]
+    return (acc[:, :-1] / counts.clamp_min(1.0)[:, None]).float(), counts
+
+
+def _reseed_empty(x: Tensor, centers: Tensor, labels: Tensor, counts: Tensor, chunk_size: int,
+                  reduce: Optional[KMeansReducer] = None) -> Tensor:
     """Empty clusters take the points worst served by their centres (farthest first)."""
     empty = torch.nonzero(counts <= 0).flatten()
     if empty.numel() == 0:
@@ -36,9 +83,12 @@ def _reseed_empty(x: Tensor, centers: Tensor, labels: Tensor, counts: Tensor, ch
         [1.0 - (x[s : s + chunk_size].float() * centers[labels[s : s + chunk_size]].float()).sum(1)
          for s in range(0, x.shape[0], chunk_size)]
     )
-    far = torch.topk(dist, min(empty.numel(), x.shape[0])).indices
+    if reduce is None:
+        rows = x[torch.topk(dist, min(empty.numel(), x.shape[0])).indices]
+    else:
+        rows = reduce.farthest(x, dist, empty.numel())
     centers = centers.clone()
-    centers[empty[: far.numel()]] = x[far].to(centers.dtype)
+    centers[empty[: rows.shape[0]]] = rows.to(centers.dtype)
     return centers
 
 
@@ -53,6 +103,7 @@ def kmeans(
     chunk_size: int = 65536,
     init_sample: int = 32768,
     progress: bool = False,
+    reduce: Optional[KMeansReducer] = None,
 ) -> KMeansResult:
     """Spherical k-means (cosine), seeded, best of `restarts` by objective.
 
@@ -61,56 +112,82 @@ def kmeans(
     Empty clusters are re-seeded with the farthest points. Stops early when the
     objective improves by less than `tol`.
 
+    Sharded rows (`reduce` given, e.g. `runtime.distributed.ShardedRows()` on every
+    rank): `x` is this process's shard and the loop is the same one over all N rows.
+    Seeding draws global row ids from the seeded generator (the same on every process,
+    whatever the sharding) and `reduce.take`s those rows; each step's per-cluster means
+    and counts, weighted by the counts, and the final objective are `reduce.sum`med;
+    empty clusters take `reduce.farthest` rows. Every process therefore holds the same
+    centres and objective and stops at the same step; the sharding changes only the
+    summation order (centres to ~1e-7, labels equal in practice), and one shard gives
+    the result of `reduce=None` (up to the order among equally far re-seed rows).
+
     Args:
-        x: [N, D] rows, L2-normalised (normalised here if not).
+        x: [N, D] rows, L2-normalised (normalised here if not); with `reduce`, the local
+            [n_local, D] shard.
         k: clusters, 1 <= k <= N.  init: "k-means++" or "random".
         init_sample: k-means++ seeds from at most this many random rows. Greedy seeding
             makes k sequential passes over its rows, which at N = 1M and k = 3000 would
             cost more than the Lloyd steps; Lloyd then runs on all N rows.
         progress: a tqdm bar over the Lloyd steps of every restart (rows/s as the rate).
+        reduce: the `KMeansReducer` of sharded rows; None: `x` is all the rows.
     Returns:
-        KMeansResult(centers [K, D] float32, labels [N] int64,
-        objective = mean_i (1 - cos(x_i, c_label_i)), lower is better).
+        KMeansResult(centers [K, D] float32, labels [N] (with `reduce`: [n_local]) int64,
+        objective = mean_i (1 - cos(x_i, c_label_i)) over all N rows, lower is better).
     """
+    if reduce is not None:  # a collective that checks every shard first
+        n = reduce.total_rows(x)
     V.matrix("x", x)
-    k = V.count("k", k, 1, x.shape[0], what=f" (cannot make more clusters than the {x.shape[0]} rows)")
+    if reduce is None:
+        n = x.shape[0]
+    k = V.count("k", k, 1, n, what=f" (cannot make more clusters than the {n} rows)")
     V.count("iters", iters, 1)
     V.count("restarts", restarts, 1)
     V.count("init_sample", init_sample, k, what=" (k-means++ needs at least k rows to seed from)")
     if init not in ("k-means++", "random"):
         raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
+
     # rows that are already unit-norm (embedding stores are) are used as they are, even
     # memory-mapped fp16: every pass below reads them in chunks
     xf = x if V.unit_rows(x, chunk_size) else torch.nn.functional.normalize(x.float(), dim=1)
+
+    def rows(ids: Tensor) -> Tensor:  # the rows with global ids `ids`
+        return xf[ids] if reduce is None else reduce.take(xf, ids)
+
     gen = torch.Generator(device=x.device).manual_seed(seed)
+    whole = None  # k-means++ seeds from every row when N <= init_sample (gathered once if sharded)
+    if init == "k-means++" and n <= init_sample:
+        whole = xf if reduce is None else reduce.take(xf, torch.arange(n, device=x.device))
     best = None
     bar = tqdm(total=restarts * iters, desc=f"k-means (k={k})", unit="step", disable=not progress, leave=False)
     for r in range(restarts):
         if init == "k-means++":
-            pool = xf
-            if xf.shape[0] > init_sample:
-                pool = xf[torch.randperm(xf.shape[0], generator=gen, device=x.device)[:init_sample].sort().values]
+            pool = whole
+            if pool is None:
+                pool = rows(torch.randperm(n, generator=gen, device=x.device)[:init_sample].sort().values)
             # seeding makes k passes over its pool: convert it once (<= init_sample rows)
             centers = kmeans_pp_init(pool.float(), k, gen, chunk_size)
         else:
-            centers = xf[torch.randperm(xf.shape[0], generator=gen, device=x.device)[:k]].float()
+            centers = rows(torch.randperm(n, generator=gen, device=x.device)[:k]).float()
         prev_obj = float("inf")
         for it in range(iters):
             labels = assign(xf, centers, _HARD_TAU, chunk_size=chunk_size).labels
             means, counts = center_update(xf, k, labels=labels, normalize=False)
             means = means.float()
+            if reduce is not None:
+                means, counts = _global_means(means, counts, reduce)
             # the objective of the new centres needs no pass over x: the centre of S_c
             # (its members' sum) is S_c / |S_c|, so sum_i cos(x_i, c_label_i) = sum_c |S_c|
-            obj = float(1.0 - (means.norm(dim=1) * counts.float()).sum() / x.shape[0])
+            obj = float(1.0 - (means.norm(dim=1) * counts.float()).sum() / n)
             bar.update(1)
             bar.set_postfix(restart=r, objective=f"{obj:.4f}")
             # centres in float32 on the unit sphere whatever the storage dtype of x
-            centers = torch.nn.functional.normalize(_reseed_empty(xf, means, labels, counts, chunk_size), dim=1)
+            centers = torch.nn.functional.normalize(_reseed_empty(xf, means, labels, counts, chunk_size, reduce), dim=1)
             if prev_obj - obj < tol:
                 break
             prev_obj = obj
         labels = assign(xf, centers, _HARD_TAU, chunk_size=chunk_size).labels
-        obj = _objective(xf, centers, labels, chunk_size)
+        obj = _objective(xf, centers, labels, chunk_size, n, reduce)
         log.debug("kmeans restart %d: %d iterations, objective %.6f", r, it + 1, float(obj))
         if best is None or obj < best.objective:
             best = KMeansResult(centers, labels, obj)
