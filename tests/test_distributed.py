@@ -163,7 +163,6 @@ def test_ranks_joined_a_gloo_group(ranks):
 
 def test_kmeans_equals_one_process(ranks):
     want = sharded_kmeans(blobs(N), **KM)  # world 1: no process group
-    # the objective's float64 sum of float32 chunk sums depends on where the shards split
     assert_same_kmeans(ranks, "kmeans", want)
 
 
@@ -180,8 +179,10 @@ def test_kmeans_subsampled_seeding_equals_one_process(ranks):
 
 
 def test_kmeans_random_init_fp16_uneven_shards(ranks):
+    """fp16 rows: each shard's means come back from center_update in fp16 (as ops.kmeans's
+    do), so the centres agree to fp16 rounding (~2e-4 here) and the labels exactly."""
     x = blobs(N_ODD, dtype=torch.float16)
-    assert_same_kmeans(ranks, "kmeans_random_fp16", ops.kmeans(x, init="random", **KM))
+    assert_same_kmeans(ranks, "kmeans_random_fp16", ops.kmeans(x, init="random", **KM), centre_atol=1e-3)
 
 
 def test_kmeans_reseeds_empty_clusters_identically(ranks, monkeypatch):
@@ -195,8 +196,9 @@ def test_kmeans_reseeds_empty_clusters_identically(ranks, monkeypatch):
     monkeypatch.setattr(D.ShardedRows, "farthest", spy)
     want = sharded_kmeans(duplicates(), 4, iters=10, restarts=2, seed=0)
     assert max(emptied, default=0) > 0, "the duplicated rows should have emptied a cluster"
-    assert_same_kmeans(ranks, "kmeans_empty", want)
-    assert_same_kmeans(ranks, "kmeans_empty", ops.kmeans(duplicates(), 4, iters=10, restarts=2, seed=0))
+    assert_same_kmeans(ranks, "kmeans_empty", want, occupied_only=True)
+    want = ops.kmeans(duplicates(), 4, iters=10, restarts=2, seed=0)
+    assert_same_kmeans(ranks, "kmeans_empty", want, occupied_only=True)
 
 
 def test_collectives(ranks):
