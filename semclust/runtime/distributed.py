@@ -216,8 +216,15 @@ class ShardedRows(KMeansReducer):
       once the shard sizes are exchanged and raised on every rank alike.
 
     Across world sizes only summation orders differ (centres to ~1e-7, labels equal in
-    practice); world 1 (no process group) is `ops.kmeans(x, ...)` up to the order among
-    equally far re-seed rows.
+    practice), except that fp16/bf16 shards get their means from `center_update` in the
+    storage dtype, as `ops.kmeans` does: centres then agree to that rounding (~2e-4 on
+    fp16), labels still in practice. A cluster left empty at the end may hold a
+    different one of several rows that are all (up to rounding) 0 from their centres.
+    World 1 (no process group) is `ops.kmeans(x, ...)` bit for bit, up to the order
+    among equally far re-seed rows.
+
+    `total_rows` (which `ops.kmeans` calls first) binds the instance to the shard it
+    checks; the other methods need it bound.
 
     Args:
         global_offset: global id of this rank's first row; default: ranks hold

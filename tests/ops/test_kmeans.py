@@ -280,3 +280,68 @@ def test_init_sample_below_k_is_rejected():
     # exactly k rows to seed from is enough
     r = ops.kmeans(x, 4, iters=5, restarts=1, init_sample=4)
     assert r.labels.shape == (100,)
+
+
+# --- the reduction hook (sharded rows) ----------------------------------------------
+
+
+class OneShard:
+    """A KMeansReducer for a single shard holding every row; records the calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def total_rows(self, x):
+        self.calls.append("total_rows")
+        return x.shape[0]
+
+    def take(self, x, ids):
+        self.calls.append("take")
+        return x[ids]
+
+    def sum(self, t):
+        self.calls.append("sum")
+        return t
+
+    def farthest(self, x, dist, e):
+        self.calls.append("farthest")
+        return x[torch.topk(dist, min(e, x.shape[0])).indices]
+
+
+@pytest.mark.parametrize("case", ["all rows", "init_sample", "random", "fp16", "empty clusters"])
+def test_one_shard_reducer_is_the_plain_loop(case):
+    """Every reduction goes through the hook, and one shard gives reduce=None bit for bit."""
+    x, _ = blobs(300, 8, 6, 0.4)
+    k, kw = 6, dict(iters=20, restarts=2, seed=4)
+    if case == "init_sample":
+        kw["init_sample"] = 40
+    elif case == "random":
+        kw["init"] = "random"
+    elif case == "fp16":
+        x = x.half()
+    elif case == "empty clusters":
+        x, k = x[:3].repeat(20, 1), 5
+    red = OneShard()
+    got = ops.kmeans(x, k, reduce=red, **kw)
+    want = ops.kmeans(x, k, **kw)
+    assert torch.equal(got.centers, want.centers) and torch.equal(got.labels, want.labels)
+    assert float(got.objective) == float(want.objective)
+    assert red.calls[0] == "total_rows" and red.calls.count("total_rows") == 1
+    # seeding rows come through take (the whole of x once when it fits in init_sample)
+    assert red.calls.count("take") == (1 if case in ("all rows", "fp16", "empty clusters") else 2)
+    assert "sum" in red.calls
+    assert ("farthest" in red.calls) == (case == "empty clusters")
+
+
+def test_reducer_checks_the_shards_first():
+    """A sharded run asks the reducer first, so every rank raises a bad shard alike."""
+
+    class Refuses(OneShard):
+        def total_rows(self, x):
+            raise ValueError("x on rank 1 has rows with NaN or Inf")
+
+    bad = torch.full((4, 3), float("nan"))
+    with pytest.raises(ValueError, match="rank 1"):
+        ops.kmeans(bad, 2, reduce=Refuses())
+    with pytest.raises(ValueError, match=r"k must be in \[1, 12\].*12 rows"):
+        ops.kmeans(torch.randn(6, 3), 13, reduce=type("Twice", (OneShard,), {"total_rows": lambda self, x: 12})())
