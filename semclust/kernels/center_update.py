@@ -18,7 +18,7 @@ Soft (P^T x): the same `_weighted_sum_kernel` with the P tile as weights (tl.dot
 accumulation), counts_k = sum_i P_ik in the same sweep. Deterministic.
 
 Gradients (sums/counts are differentiable as in the reference): dx = W dsums, dP =
-x dsums^T + dcounts, as torch matmuls (`ClusterSums`). float64 runs the reference.
+x dsums^T + dcounts, as torch matmuls (`CenterUpdateFunction`). float64 runs the reference.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def cluster_sums(x: torch.Tensor, k: int, labels: Optional[torch.Tensor] = None,
     return sums.sum(0), counts.sum(0)
 
 
-class ClusterSums(torch.autograd.Function):
+class CenterUpdateFunction(torch.autograd.Function):
     """sums = W^T x, counts = W^T 1 with W = onehot(labels) or probs."""
 
     @staticmethod
@@ -176,7 +176,7 @@ def center_update(x, k, labels=None, probs=None, normalize=True, previous=None, 
                                        previous=previous, momentum=momentum)
     xk = C.kernel_dtype(x)
     pk = C.kernel_dtype(probs) if probs is not None else None
-    sums, counts = ClusterSums.apply(xk, pk, labels, int(k))
+    sums, counts = CenterUpdateFunction.apply(xk, pk, labels, int(k))
     # epilogue: the reference's own formulas on [K, D]
     centers = torch.nn.functional.normalize(sums, dim=1) if normalize else sums / counts.clamp_min(1e-12)[:, None]
     if previous is not None:

@@ -22,7 +22,7 @@ matrix never exists.
 
 k above `MAX_K` (256) would need a register tile too wide for a program, so those
 calls run the reference. float64 runs the reference too. Scores are differentiable
-(`KnnScores`: the gradient of s_ij = q_i . x_idx_ij in torch, per query chunk).
+(`KnnFunction`: the gradient of s_ij = q_i . x_idx_ij in torch, per query chunk).
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def _search(q, x, k, q_base, drop_self, query_chunk, database_chunk):
     return torch.cat(out_keys)
 
 
-class KnnScores(torch.autograd.Function):
+class KnnFunction(torch.autograd.Function):
     """scores_ij = q_i . x_{idx_ij}, computed by the kernel; the gradient in torch."""
 
     @staticmethod
@@ -220,7 +220,7 @@ def knn(x, k, queries=None, exclude_self=True, query_chunk=4096, database_chunk=
     scores = scores.to(q_all.dtype)
     if torch.is_grad_enabled() and (x.requires_grad or q_all.requires_grad):
         if queries is None:
-            scores = KnnScores.apply(x, x, idx, scores, query_chunk)
+            scores = KnnFunction.apply(x, x, idx, scores, query_chunk)
         else:
-            scores = KnnScores.apply(queries, x, idx, scores, query_chunk)
+            scores = KnnFunction.apply(queries, x, idx, scores, query_chunk)
     return scores, idx
