@@ -135,8 +135,11 @@ class SemanticClusterer:
         return self
 
     def __repr__(self) -> str:
+        # parameters set away from their defaults (arrays and encoders compare by identity)
         defaults = {n: q.default for n, q in inspect.signature(type(self).__init__).parameters.items()}
-        shown = {k: v for k, v in self.get_params().items() if k == "n_clusters" or v is not defaults.get(k) and v != defaults.get(k)}
+        plain = (str, int, float, bool, type(None))
+        shown = {k: v for k, v in self.get_params().items()
+                 if k == "n_clusters" or not (v is defaults[k] or isinstance(v, plain) and v == defaults[k])}
         return f"SemanticClusterer({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     def _check_params(self) -> None:

@@ -162,6 +162,8 @@ def neighbour_lists(u: Tensor, v: Tensor, ws: Workspace, cfg: Config, seed: int,
     n, nc = u.shape[0], cfg.neighbours
     m = min(nc.k, n - 1)
     spaces = {"knn_image": u, "knn_text": v}
+    # the IVF index trains on a sample drawn with seed 0 whatever the fit's seed (as before
+    # the re-layout), so a run's kNN files do not depend on it
     lists = {name: neighbours.knn_lists(z, m, cfg.chunks, nc, seed=0, ws=ws, name=name, progress=progress)
              for name, z in spaces.items()}
     recall = None

@@ -110,8 +110,10 @@ def knn_lists(z: Tensor, k: int, chunks: Optional[ChunkConfig] = None, cfg: Opti
     unless `cfg.method` is "ivf"), as the workspace array `name` (reused when finished;
     default: in memory). Only [chunk, k] results exist besides the lists."""
     chunks, cfg = chunks or ChunkConfig(), cfg or NeighbourConfig()
-    if ws is not None and ws.get(name) is not None:
-        return ws.get(name)
+    # a finished array is returned before `searcher` builds an IVF index for nothing
+    done = ws.get(name) if ws is not None else None
+    if done is not None:
+        return done
     block, chunk = searcher(z, k, cfg, chunks, seed=seed)
     # each query chunk reads every row: `reads` lets their pages go before the next
     return rows.fill(ws or Workspace(None), name, (z.shape[0], k), torch.int32, block, chunk=chunk, reads=(z,),
