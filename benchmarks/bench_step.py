@@ -105,8 +105,9 @@ def _step_inputs(b: int, k: int, d: int, seed: int = 0):
     u, v = unit(b), unit(b)
     x_i, x_t = torch.cat([u, unit(b)]), torch.cat([v, unit(b)])  # batch rows, then neighbour rows
     centers = unit(k)
-    weights = torch.rand(k, generator=g) + 0.5
-    return x_i, x_t, u, v, centers, weights
+    shares = torch.rand(k, generator=g) + 0.5
+    prior = shares / shares.sum()  # a non-uniform balance prior (KL(p_bar || prior))
+    return x_i, x_t, u, v, centers, prior
 
 
 def bench_step(b: int, k: int, d: int, repeats: int, with_compile: bool) -> dict:
@@ -114,7 +115,7 @@ def bench_step(b: int, k: int, d: int, repeats: int, with_compile: bool) -> dict
     from semclust.method.heads import Heads
     from semclust.ops.reference import fused_step as fused_step_reference
 
-    x_i, x_t, u, v, centers, weights = _step_inputs(b, k, d)
+    x_i, x_t, u, v, centers, prior = _step_inputs(b, k, d)
     torch.manual_seed(0)
     heads = Heads(d, k, 512)
     opt = torch.optim.Adam(heads.parameters(), lr=1e-3)
@@ -123,7 +124,7 @@ def bench_step(b: int, k: int, d: int, repeats: int, with_compile: bool) -> dict
         def step():
             opt.zero_grad(set_to_none=True)
             li, lt = heads.image(x_i), heads.text(x_t)
-            loss = loss_fn(li, lt, u, v, centers, weights, **LOSS_KW).loss
+            loss = loss_fn(li, lt, u, v, centers, prior, **LOSS_KW).loss
             loss.backward()
             opt.step()
             return loss
@@ -134,7 +135,7 @@ def bench_step(b: int, k: int, d: int, repeats: int, with_compile: bool) -> dict
 
         def run():
             li, lt = li0.clone().requires_grad_(), lt0.clone().requires_grad_()
-            loss_fn(li, lt, u, v, centers, weights, **LOSS_KW).loss.backward()
+            loss_fn(li, lt, u, v, centers, prior, **LOSS_KW).loss.backward()
             return li.grad
         return run
 

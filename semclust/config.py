@@ -77,18 +77,24 @@ class ChunkConfig(_Section):
 
 @dataclass
 class SemanticSpaceConfig(_Section):
-    """Semantic-space selection: k-means on images, nouns voted to centres."""
+    """Semantic-space selection: k-means on images, nouns near the centres (see
+    `semclust.method.counterparts` for the two methods)."""
 
-    images_per_centre: int = option(300, low=1)  # M = max(K, N // 300) (TAC)
-    nouns_per_centre: int = option(5, low=1)  # gamma (TAC)
+    method: str = option("pool", choices=("pool", "tac"))  # pool: K centres x 200 nouns; tac: N/300 centres x 5
+    pool_per_centre: int = option(200, low=1)  # "pool": nouns kept per K-means centre
+    images_per_centre: int = option(300, low=1)  # "tac": M = max(K, N // 300)
+    nouns_per_centre: int = option(5, low=1)  # "tac": gamma
+    noun_tau: float = option(0.01, low=0.0, low_open=True)  # "tac": softmax over centres when a noun votes
     kmeans_iters: int = option(100, low=1)
     kmeans_restarts: int = option(3, low=1)
-    noun_tau: float = option(0.01, low=0.0, low_open=True)  # softmax over centres when a noun votes (TAC-scale)
 
 
 @dataclass
 class CounterpartConfig(_Section):
-    tau: float = option(0.005, low=0.0, low_open=True)  # tau_r (TAC)
+    """v_i = normalise(sum over the image's top nouns of softmax(u_i . t / tau) t)."""
+
+    tau: float = option(0.01, low=0.0, low_open=True)  # retrieval temperature (TAC: 0.005 over all nouns)
+    per_image: int = option(50, low=0)  # nouns of the pool each image mixes; 0: all of them (TAC)
 
 
 @dataclass
@@ -104,6 +110,9 @@ class NeighbourConfig(_Section):
 
 @dataclass
 class Stage1Config(_Section):
+    # "semclust": the cross-modal consistency loss below; "tac": TAC's head training with
+    # TAC's own settings for K (`method.tac.tac_settings`), the loss options unused
+    objective: str = option("semclust", choices=("semclust", "tac"))
     hidden: int = option(512, low=1)  # Linear(D,512) -> BN -> ReLU -> Linear(512,K) (TAC)
     epochs: int = option(40, low=0)
     batch_size: int = option(512, low=2)
@@ -115,12 +124,11 @@ class Stage1Config(_Section):
     center_target: bool = option(True)  # pull both heads to the fused centres' assignment ("better centre generation")
     w_instance: float = option(0.5, low=0.0)  # loss weights (SEIC-r: 0.5, 1, 1, 2)
     w_assignment: float = option(1.0, low=0.0)
-    w_center: float = option(1.0, low=0.0)
-    w_balance: float = option(2.0, low=0.0)
-    balance: str = option("dynamic", choices=("dynamic", "fixed"))  # dynamic (SEIC-r style) or fixed (TAC: -5 H)
-    balance_fixed_weight: float = option(5.0, low=0.0)  # (TAC)
-    balance_momentum: float = option(0.9, low=0.0, high=1.0)  # EMA of cluster shares (SEIC-r)
-    balance_power: float = option(1.0, low=0.0)  # w_k = (share_k * K)^-power, normalised to mean 1
+    w_center: float = option(3.0, low=0.0)
+    w_balance: float = option(2.0, low=0.0)  # weight of KL(p_bar || prior) + KL(q_bar || prior)
+    balance: str = option("dynamic", choices=("dynamic", "fixed"))  # prior: estimated (dynamic) or uniform (fixed, TAC)
+    balance_momentum: float = option(0.99, low=0.0, high=1.0)  # EMA of cluster shares per step
+    balance_mix: float = option(0.5, low=0.0, high=1.0)  # prior = (1 - mix) shares + mix uniform
     # "image": f_I alone (measured better, see README); "both": mean of f_I and f_T
     predict_with: str = option("image", choices=("image", "both"))
 
@@ -166,6 +174,14 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def tac(cls) -> "Config":
+        """TAC's whole recipe (Li et al., ICML 2024), to compare on your own data: nouns by
+        an image k-means vote (N / 300 centres x 5 nouns), retrieval at tau 0.005 over all
+        of them, TAC's head training (`Stage1Config(objective="tac")`)."""
+        return cls(semantic=SemanticSpaceConfig(method="tac", noun_tau=1.0),
+                   counterparts=CounterpartConfig(tau=0.005, per_image=0), stage1=Stage1Config(objective="tac"))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":

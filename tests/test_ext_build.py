@@ -31,11 +31,13 @@ def _torch_backend_still_works():
     with ops.use_backend("torch"):
         r = ops.assign(x, c, 0.5, return_probs=True)
         torch.testing.assert_close(r.probs, torch.softmax(x @ c.T / 0.5, 1))
-        li = torch.randn(8, 3, requires_grad=True)
-        out = fused_step(li, torch.randn(8, 3), x[:4], x[4:8], None, None, cluster_tau=0.5, center_tau=0.1,
-                         w_instance=0.5, w_assignment=1.0, w_center=1.0, w_balance=2.0)
-        out.loss.backward()
-        assert li.grad is not None and bool(torch.isfinite(li.grad).all())
+        for prior in (None, torch.tensor([0.5, 0.3, 0.2])):
+            li = torch.randn(8, 3, requires_grad=True)
+            out = fused_step(li, torch.randn(8, 3), x[:4], x[4:8], centers=None, prior=prior, cluster_tau=0.5,
+                             center_tau=0.1, w_instance=0.5, w_assignment=1.0, w_center=1.0, w_balance=2.0)
+            out.loss.backward()
+            assert li.grad is not None and bool(torch.isfinite(li.grad).all())
+            assert float(out.balance) >= 0.0  # KL(p_bar || prior) + KL(q_bar || prior)
 
 
 # ---- the CUDA compile check ------------------------------------------------------------------

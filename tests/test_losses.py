@@ -45,21 +45,43 @@ def test_instance_loss_matches_formula_and_is_zero_for_identical_one_hots():
     assert R.instance_loss(one, one, one, one).item() == pytest.approx(0.0, abs=1e-12)
 
 
-def test_balance_loss_is_minimal_at_uniform_marginals():
+def _kl(m, prior):
+    return float(sum(mk * (math.log(mk) - math.log(pk)) for mk, pk in zip(m.tolist(), prior.tolist())))
+
+
+def test_balance_loss_is_the_kl_of_both_marginals_to_the_prior():
+    p, q = _probs(11, 5, 0), _probs(11, 5, 1)
+    prior = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05], dtype=torch.float64)
+    uniform = torch.full((5,), 0.2, dtype=torch.float64)
+    for given, want_prior in ((prior, prior), (None, uniform)):
+        loss, marginal = R.balance_loss(p, q, given)
+        assert loss.item() == pytest.approx(_kl(p.mean(0), want_prior) + _kl(q.mean(0), want_prior), rel=1e-12)
+        assert torch.allclose(marginal, 0.5 * (p.mean(0) + q.mean(0)))
+
+
+def test_balance_loss_is_zero_exactly_at_the_prior():
     k = 6
     uniform = torch.full((12, k), 1.0 / k, dtype=torch.float64)
     skewed = torch.softmax(torch.arange(k, dtype=torch.float64).repeat(12, 1), 1)
-    assert R.balance_loss(uniform, uniform, None)[0].item() == pytest.approx(-2.0)
-    assert R.balance_loss(skewed, skewed, None)[0] > R.balance_loss(uniform, uniform, None)[0]
+    assert R.balance_loss(uniform, uniform, None)[0].item() == pytest.approx(0.0, abs=1e-12)
+    assert R.balance_loss(skewed, skewed, None)[0] > 0.1
+    # a long-tailed prior: the skewed marginal is the optimum, the uniform one is not
+    assert R.balance_loss(skewed, skewed, skewed[0])[0].item() == pytest.approx(0.0, abs=1e-12)
+    assert R.balance_loss(uniform, uniform, skewed[0])[0] > 0.1
 
 
-def test_dynamic_balance_weights_favour_starved_clusters():
-    state = losses.BalanceState.uniform(3, momentum=0.5, power=1.0)
+def test_balance_prior_is_an_ema_mixed_with_uniform():
+    state = losses.BalancePrior.uniform(3, momentum=0.5, mix=0.25)
     state.update(torch.tensor([0.8, 0.15, 0.05]))
-    assert torch.allclose(state.shares, torch.tensor([0.5 * (1 / 3) + 0.4, 0.5 * (1 / 3) + 0.075, 0.5 * (1 / 3) + 0.025]))
-    w = state.weights()
-    assert w.mean().item() == pytest.approx(1.0)
-    assert w[2] > w[1] > w[0]
+    shares = torch.tensor([0.5 / 3 + 0.4, 0.5 / 3 + 0.075, 0.5 / 3 + 0.025])
+    assert torch.allclose(state.shares, shares)
+    prior = state.prior()
+    assert torch.allclose(prior, 0.75 * shares + 0.25 / 3)
+    assert prior.sum().item() == pytest.approx(1.0)
+    # a cluster whose share vanished keeps mix / K of prior mass: it is pulled back
+    state.shares = torch.tensor([0.6, 0.4, 0.0])
+    assert state.prior()[2].item() == pytest.approx(0.25 / 3)
+    assert torch.allclose(state.prior(mix=1.0), torch.full((3,), 1 / 3))
 
 
 @pytest.mark.parametrize("name", ["instance", "assignment", "center", "balance"])
@@ -83,26 +105,43 @@ def test_loss_gradients_float64(name):
     assert gradcheck(f, tuple(logits))
 
 
-def test_center_target_pulls_heads_towards_the_fused_centres():
-    u = torch.nn.functional.normalize(torch.tensor([[1.0, 0, 0]] * 4 + [[0, 1.0, 0]] * 4), dim=1)
+def test_center_target_pulls_heads_towards_the_text_space_centres():
+    # the image features point the other way: only the counterparts v decide the target
+    v = torch.tensor([[1.0, 0, 0]] * 4 + [[0, 1.0, 0]] * 4)
+    u = v.flip(0)
     centers = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])
     agree = torch.tensor([[0.99, 0.01]] * 4 + [[0.01, 0.99]] * 4)
     disagree = agree.flip(1)
-    with_agree = R.center_loss(agree, agree, u, u, centers, 0.5, 0.1) - R.center_loss(agree, agree, u, u, None, 0.5, 0.1)
-    with_dis = R.center_loss(disagree, disagree, u, u, centers, 0.5, 0.1) - R.center_loss(disagree, disagree, u, u, None, 0.5, 0.1)
-    assert with_agree < with_dis
+
+    def target_term(p):
+        return R.center_loss(p, p, u, v, centers, 0.5, 0.1) - R.center_loss(p, p, u, v, None, 0.5, 0.1)
+
+    assert target_term(agree) < target_term(disagree)
+    # the term is -1/2 mean_i sum_k T_ik (log p_ik + log q_ik), T = softmax(v c^T / 0.1)
+    t = torch.softmax(v @ centers.T / 0.1, 1)
+    assert target_term(agree).item() == pytest.approx(-(t * agree.log()).sum(1).mean().item(), rel=1e-5)
 
 
 def test_update_centers_uses_confident_members_and_ema():
-    u = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    v = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     p = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.45, 0.55]])
-    c = losses.update_centers(None, p, p, u, u, momentum=0.9)
+    c = losses.update_centers(None, p, p, v, momentum=0.9)
     # the two most confident rows (0.9, 0.8) alone define the centres
     assert torch.allclose(c, torch.nn.functional.normalize(torch.tensor([[0.9, 0.2], [0.1, 0.8]]), dim=1), atol=1e-6)
     prev = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
-    c2 = losses.update_centers(prev, p, p, u, u, momentum=0.9)
+    c2 = losses.update_centers(prev, p, p, v, momentum=0.9)
     want = torch.nn.functional.normalize(0.9 * prev + 0.1 * c, dim=1)
     assert torch.allclose(c2, want, atol=1e-6)
+
+
+def test_initial_centers_are_the_counterparts_kmeans():
+    g = torch.Generator().manual_seed(0)
+    blobs = torch.eye(4)[torch.arange(40) % 4] + 0.05 * torch.randn(40, 4, generator=g)
+    v = torch.nn.functional.normalize(blobs, dim=1)
+    c = losses.initial_centers(v, 4, seed=0)
+    assert c.shape == (4, 4)
+    # one centre per blob
+    assert sorted(c.argmax(1).tolist()) == [0, 1, 2, 3]
 
 
 def test_select_confident_is_class_balanced():

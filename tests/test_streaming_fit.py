@@ -100,12 +100,19 @@ def test_resume_reuses_finished_phases(store, tmp_path, monkeypatch):
     work = tmp_path / "work"
     first = _fit(str(store), checkpoint_dir=work)
 
-    def no_recompute(*a, **k):
+    from semclust.runtime import rows
+
+    fill = rows.fill
+
+    def no_recompute(lo, hi):
         raise AssertionError("a finished phase was computed again")
 
-    # the counterparts and kNN phases run on these ops only: a resumed fit must not call them
-    monkeypatch.setattr("semclust.ops.retrieve", no_recompute)
-    monkeypatch.setattr("semclust.ops.knn", no_recompute)
+    # the workspace arrays (counterparts, both kNN lists) are filled block by block: a
+    # resumed fit finds them finished and must not compute a single block
+    def fill_without_blocks(ws, name, shape, dtype, block, **kw):
+        return fill(ws, name, shape, dtype, no_recompute, **kw)
+
+    monkeypatch.setattr(rows, "fill", fill_without_blocks)
     again = _fit(str(store), checkpoint_dir=work, resume=True)
     assert np.array_equal(again.labels_, first.labels_)
 

@@ -130,3 +130,41 @@ def test_bad_input_raises(small):
         tac.tac_counterparts(u, torch.randn(20, 32), 10)
     with pytest.raises(ValueError, match="k must be"):
         tac.tac_counterparts(u[:5], torch.randn(20, 64), 6)
+
+
+def test_stage1_objective_tac_is_tacs_head_training(small):
+    from semclust.config import Stage1Config
+    from semclust.method import stage1
+
+    _, u, v, ni, nt = small
+    r = stage1.train_stage1(u, v, 10, ni, nt, Stage1Config(objective="tac", hidden=64), seed=3, progress=False)
+    st = tac.tac_settings(10)
+    lab, conf, hist = tac.train_tac_heads(u, v, 10, ni, nt, epochs=st["epochs"], batch_size=st["batch_size"],
+                                          tau=st["tau"], hidden=64, seed=3)
+    assert np.array_equal(r.labels.numpy(), lab)
+    np.testing.assert_allclose(r.conf.numpy(), conf, rtol=1e-6)
+    assert len(r.history) == st["epochs"] == len(hist)
+
+
+def test_config_tac_fits_end_to_end_and_differs_from_the_default():
+    from semclust import SemanticClusterer
+    from semclust.config import Config
+
+    d = make_scenario("gap", seed=1, n=600)
+    cfg = Config.tac()
+    assert (cfg.semantic.method, cfg.counterparts.per_image, cfg.stage1.objective) == ("tac", 0, "tac")
+    m = SemanticClusterer(10, clip=None, config=cfg, stage=1, seed=0, device="cpu", progress=False)
+    m.fit(d.embeddings, nouns=d.noun_embeddings)
+    assert m.labels_.shape == (600,) and cluster_accuracy(d.labels, m.labels_) > 0.3
+    assert m.history_["nouns_selected"] <= 5 * 10  # M = max(K, 600 // 300) = 10 centres x 5 nouns
+
+
+def test_objective_tac_refuses_several_ranks(monkeypatch, small):
+    from semclust.config import Stage1Config
+    from semclust.method import stage1
+    from semclust.runtime import distributed as dist
+
+    _, u, v, ni, nt = small
+    monkeypatch.setattr(dist, "rank_world", lambda: (0, 2))
+    with pytest.raises(ValueError, match="one process"):
+        stage1.train_stage1(u, v, 10, ni, nt, Stage1Config(objective="tac"), progress=False)

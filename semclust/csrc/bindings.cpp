@@ -15,7 +15,7 @@ namespace semclust_ext {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_step_cpu(
     const at::Tensor& logits_i, const at::Tensor& logits_t, const at::Tensor& u, const at::Tensor& v,
-    const c10::optional<at::Tensor>& centers, const c10::optional<at::Tensor>& weights, double cluster_tau,
+    const c10::optional<at::Tensor>& centers, const c10::optional<at::Tensor>& prior, double cluster_tau,
     double center_tau, double w_instance, double w_assignment, double w_center, double w_balance);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> assign_cpu(const at::Tensor& x, const at::Tensor& c,
@@ -41,9 +41,10 @@ std::string build_info() {
 
 TORCH_LIBRARY(semclust_ext, m) {
   // fused_step returns (losses [5] = total, instance, assignment, center, balance;
-  // grad_logits_i; grad_logits_t; probs_i; probs_t; marginal [K] = (pbar + qbar) / 2)
+  // grad_logits_i; grad_logits_t; probs_i; probs_t; marginal [K] = (pbar + qbar) / 2);
+  // balance = KL(pbar || prior) + KL(qbar || prior), prior [K] (None: uniform)
   m.def(
-      "fused_step(Tensor logits_i, Tensor logits_t, Tensor u, Tensor v, Tensor? centers, Tensor? weights, "
+      "fused_step(Tensor logits_i, Tensor logits_t, Tensor u, Tensor v, Tensor? centers, Tensor? prior, "
       "float cluster_tau, float center_tau, float w_instance, float w_assignment, float w_center, float w_balance) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // assign returns (labels, conf, colsum, probs); probs is [0, K] unless return_probs

@@ -1,14 +1,19 @@
 // The fused stage-1 training step on CPU (OpenMP across rows, ATen GEMMs).
 //
-// Contract (semclust/fused_step.py has the full statement and the PyTorch reference):
+// Contract (semclust/ops/fused_step.py has the full statement and the PyTorch reference):
 //   P = softmax(logits_i) [2B, K]: rows 0..B-1 the batch's images (p), rows B..2B-1 their
 //   sampled image neighbours (p_n); Q = softmax(logits_t) likewise (q, q_n).
 //   loss = w_instance   * instance(p, q, p_n, q_n)
 //        + w_assignment * 0.5 (InfoNCE(p, q_n) + InfoNCE(q, p_n))        over the 2K columns
 //        + w_center     * [centre InfoNCE of normalise(p^T u), normalise(q^T v)
 //                          - 0.5 mean_i sum_k T_ik (log p_ik + log q_ik)]  (T only with centres)
-//        + w_balance    * (sum_k w_k pbar_k log pbar_k + sum_k w_k qbar_k log qbar_k) / log K
-// and dloss/dlogits_i, dloss/dlogits_t, computed in the same call.
+//          T = softmax(v centers^T / center_tau): v the batch's text counterparts as given
+//          (not normalised, no u), centers [K, D] in the text-counterpart space
+//        + w_balance    * (KL(pbar || prior) + KL(qbar || prior))
+//                          KL(m || prior) = sum_k m_k log m_k - sum_k m_k log prior_k
+// with pbar = mean_{i<B} p_i, qbar likewise (the batch rows only), prior [K] positive
+// (summing to 1; absent: uniform 1/K), and dloss/dlogits_i, dloss/dlogits_t, computed in
+// the same call.
 //
 // Layout of the work: one row pass (softmax x4, instance term, centre-target term, column
 // sums), GEMMs for the two cluster-level InfoNCEs and the centre InfoNCE with their small
@@ -42,6 +47,19 @@ constexpr double kNormEps = 1e-12;
 // rows per work item; fixed (not derived from the thread count) so sums are reproducible
 constexpr int64_t kRowBlock = 32;
 
+// The prior's layout (fused_step.cu has the same check): [K], the logits' dtype and
+// device. Its values (finite, > 0) are checked by the public op
+// (semclust.ops.fused_step), which would otherwise need a device sync here on CUDA.
+void check_prior(const at::Tensor& logits_i, const c10::optional<at::Tensor>& prior) {
+  if (!prior.has_value() || !prior->defined()) return;
+  TORCH_CHECK(prior->dim() == 1 && prior->size(0) == logits_i.size(1), "fused_step: prior must be [K=",
+              logits_i.size(1), "], got ", prior->sizes());
+  TORCH_CHECK(prior->scalar_type() == logits_i.scalar_type(), "fused_step: prior must have the logits' dtype ",
+              logits_i.scalar_type(), ", got ", prior->scalar_type());
+  TORCH_CHECK(prior->device() == logits_i.device(), "fused_step: prior must be on the logits' device ",
+              logits_i.device(), ", got ", prior->device());
+}
+
 template <typename T>
 struct StepBuffers {
   int64_t B, K, D;
@@ -54,10 +72,10 @@ struct StepBuffers {
 };
 
 // One pass over the batch: softmax of the four rows of sample i, the instance term and
-// its gradient, the centre-target term and its gradient (Zc: z c^T, or nullptr), and
+// its gradient, the centre-target term and its gradient (vcen: v c^T, or nullptr), and
 // per-block column sums of p and q. Returns (sum_i instance_i, sum_i target_i).
 template <typename T>
-std::pair<double, double> forward_rows(const StepBuffers<T>& s, const T* zc, double center_tau, double w_instance,
+std::pair<double, double> forward_rows(const StepBuffers<T>& s, const T* vcen, double center_tau, double w_instance,
                                        double w_center, std::vector<double>& colp, std::vector<double>& colq) {
   const int64_t B = s.B, K = s.K;
   const int64_t nblk = (B + kRowBlock - 1) / kRowBlock;
@@ -68,7 +86,7 @@ std::pair<double, double> forward_rows(const StepBuffers<T>& s, const T* zc, dou
   const T inv_ctau = static_cast<T>(1.0 / center_tau);
 #pragma omp parallel num_threads(at::get_num_threads())
   {
-    std::vector<T> trow(zc ? K : 0);
+    std::vector<T> trow(vcen ? K : 0);
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < nblk; ++blk) {
       double inst_b = 0.0, tgt_b = 0.0;
@@ -110,13 +128,13 @@ std::pair<double, double> forward_rows(const StepBuffers<T>& s, const T* zc, dou
           gqn[k] = a2 * p[k];
           gpn[k] = a3 * q[k];
         }
-        if (zc) {
-          // T_i = softmax(z_i c^T / tau_center): the prototype target (ops.assign's probs)
-          const T* zr = zc + i * K;
+        if (vcen) {
+          // T_i = softmax(v_i c^T / tau_center): the prototype target (ops.assign's probs of v)
+          const T* vr = vcen + i * K;
           T* t = trow.data();
           T m = -std::numeric_limits<T>::infinity();
           for (int64_t k = 0; k < K; ++k) {
-            t[k] = zr[k] * inv_ctau;
+            t[k] = vr[k] * inv_ctau;
             m = std::max(m, t[k]);
           }
           T sum = 0;
@@ -349,34 +367,6 @@ double center_infonce(const at::Tensor& p, const at::Tensor& q, const at::Tensor
   return loss;
 }
 
-// Rows of normalise(u + v) (the fused feature the centres live in).
-template <typename T>
-at::Tensor fused_features(const at::Tensor& u, const at::Tensor& v) {
-  const int64_t B = u.size(0), D = u.size(1);
-  at::Tensor z = at::empty({B, D}, u.options());
-  const T* pu = u.data_ptr<T>();
-  const T* pv = v.data_ptr<T>();
-  T* pz = z.data_ptr<T>();
-  at::parallel_for(0, B, 64, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      T* __restrict zr = pz + i * D;
-      const T* __restrict ur = pu + i * D;
-      const T* __restrict vr = pv + i * D;
-      T acc = 0;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t d = 0; d < D; ++d) {
-        const T zd = ur[d] + vr[d];
-        zr[d] = zd;
-        acc += zd * zd;
-      }
-      const T inv = static_cast<T>(1.0 / std::max(std::sqrt(static_cast<double>(acc)), kNormEps));
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) zr[d] *= inv;
-    }
-  });
-  return z;
-}
-
 // Adds the balance gradient to the first B rows of G and applies the softmax backward
 // dlogits = P * (G - <P, G>) to all 2B rows, in place.
 template <typename T>
@@ -401,7 +391,7 @@ void backward_rows(T* P, T* G, int64_t B, int64_t K, const T* gbal) {
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_step_impl(
     const at::Tensor& logits_i, const at::Tensor& logits_t, const at::Tensor& u, const at::Tensor& v,
-    const c10::optional<at::Tensor>& centers, const c10::optional<at::Tensor>& weights, double cluster_tau,
+    const c10::optional<at::Tensor>& centers, const c10::optional<at::Tensor>& prior, double cluster_tau,
     double center_tau, double w_instance, double w_assignment, double w_center, double w_balance) {
   const int64_t B = u.size(0), K = logits_i.size(1), D = u.size(1);
   at::Tensor li = logits_i.contiguous(), lt = logits_t.contiguous();
@@ -411,12 +401,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   StepBuffers<T> s{B, K, D, li.data_ptr<T>(), lt.data_ptr<T>(), P.data_ptr<T>(), Q.data_ptr<T>(),
                    GP.data_ptr<T>(), GQ.data_ptr<T>()};
 
-  at::Tensor zc;
+  // the centre target's logits v c^T (v as given: the centres live in the counterpart space)
+  at::Tensor vcen;
   const bool with_centers = centers.has_value() && centers->defined();
-  if (with_centers) zc = at::mm(fused_features<T>(uc, vc), centers->contiguous().t());
+  if (with_centers) vcen = at::mm(vc, centers->contiguous().t());
 
   std::vector<double> colp, colq;
-  const auto sums = forward_rows<T>(s, with_centers ? zc.data_ptr<T>() : nullptr, center_tau, w_instance, w_center,
+  const auto sums = forward_rows<T>(s, with_centers ? vcen.data_ptr<T>() : nullptr, center_tau, w_instance, w_center,
                                     colp, colq);
   const double instance = sums.first / B;
 
@@ -435,29 +426,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                    cluster_infonce<T>(q, pn, gq, gpn, cluster_tau, 0.5 * w_assignment));
   const double center = center_infonce<T>(p, q, uc, vc, gp, gq, cluster_tau, w_center) + sums.second / B;
 
-  // balance: (sum_k w_k pbar_k log pbar_k + same for q) / log K, log clamped at the dtype's tiny
+  // balance: KL(pbar || prior) + KL(qbar || prior), log pbar clamped at the dtype's tiny;
+  // d/dpbar_k = log pbar_k + [pbar_k >= tiny] - log prior_k (the clamp passes no gradient)
   const double tiny = static_cast<double>(std::numeric_limits<T>::min());
-  const double log_k = std::log(static_cast<double>(std::max<int64_t>(K, 2)));
-  at::Tensor wts;
-  if (weights.has_value() && weights->defined()) wts = weights->contiguous();
-  const T* w = wts.defined() ? wts.data_ptr<T>() : nullptr;
+  const double log_uniform = -std::log(static_cast<double>(K));
+  at::Tensor pri;
+  if (prior.has_value() && prior->defined()) pri = prior->contiguous();
+  const T* pr = pri.defined() ? pri.data_ptr<T>() : nullptr;
   std::vector<T> gbal_p(K), gbal_q(K);
   at::Tensor marginal = at::empty({K}, li.options());
   T* mg = marginal.data_ptr<T>();
-  double hp = 0.0, hq = 0.0;
+  double klp = 0.0, klq = 0.0;
+  const double c = w_balance / B;
   for (int64_t k = 0; k < K; ++k) {
     // pbar is rounded to T as the reference's mean is
     const double pk = static_cast<T>(pbar[k] / B), qk = static_cast<T>(qbar[k] / B);
-    const double wk = w ? static_cast<double>(w[k]) : 1.0;
+    const double lpi = pr ? std::log(static_cast<double>(pr[k])) : log_uniform;
     const double lp = std::log(std::max(pk, tiny)), lq = std::log(std::max(qk, tiny));
-    hp -= wk * pk * lp;
-    hq -= wk * qk * lq;
-    const double c = w_balance * wk / (B * log_k);
-    gbal_p[k] = static_cast<T>(c * (lp + (pk >= tiny ? 1.0 : 0.0)));
-    gbal_q[k] = static_cast<T>(c * (lq + (qk >= tiny ? 1.0 : 0.0)));
+    klp += pk * (lp - lpi);
+    klq += qk * (lq - lpi);
+    gbal_p[k] = static_cast<T>(c * (lp + (pk >= tiny ? 1.0 : 0.0) - lpi));
+    gbal_q[k] = static_cast<T>(c * (lq + (qk >= tiny ? 1.0 : 0.0) - lpi));
     mg[k] = static_cast<T>(0.5 * (pk + qk));
   }
-  const double balance = -(hp + hq) / log_k;
+  const double balance = klp + klq;
 
   backward_rows<T>(s.P, s.GP, B, K, gbal_p.data());
   backward_rows<T>(s.Q, s.GQ, B, K, gbal_q.data());
@@ -477,12 +469,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_step_cpu(
     const at::Tensor& logits_i, const at::Tensor& logits_t, const at::Tensor& u, const at::Tensor& v,
-    const c10::optional<at::Tensor>& centers, const c10::optional<at::Tensor>& weights, double cluster_tau,
+    const c10::optional<at::Tensor>& centers, const c10::optional<at::Tensor>& prior, double cluster_tau,
     double center_tau, double w_instance, double w_assignment, double w_center, double w_balance) {
   check_fused_step_inputs(logits_i, logits_t, u, v);
+  check_prior(logits_i, prior);
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(logits_i.scalar_type(), "fused_step_cpu", [&] {
-    out = fused_step_impl<scalar_t>(logits_i, logits_t, u, v, centers, weights, cluster_tau, center_tau, w_instance,
+    out = fused_step_impl<scalar_t>(logits_i, logits_t, u, v, centers, prior, cluster_tau, center_tau, w_instance,
                                     w_assignment, w_center, w_balance);
   });
   return out;

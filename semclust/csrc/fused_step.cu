@@ -1,17 +1,22 @@
 // The fused stage-1 training step on CUDA: the same contract as fused_step.cpp (see its
-// header and semclust/fused_step.py). Row-wise work runs one warp per row with
-// shuffle reductions; matrix products go to cuBLAS through at::mm; every sum over
-// rows is a fixed-shape tree (no float atomics), so results are bitwise reproducible
-// run to run.
+// header and semclust/ops/fused_step.py), balance term included:
+//   w_balance * (KL(pbar || prior) + KL(qbar || prior)),
+//   KL(m || prior) = sum_k m_k (log m_k - log prior_k),
+// pbar = mean_{i<B} p_i (the batch rows only), prior [K] positive or absent (uniform 1/K),
+// and the centre target T = softmax(v centers^T / center_tau), v the batch's text
+// counterparts as given (not normalised, no u; one cuBLAS GEMM before forward_rows).
+// Row-wise work runs one warp per row with shuffle reductions; matrix products go to
+// cuBLAS through at::mm; every sum over rows is a fixed-shape tree (no float atomics), so
+// results are bitwise reproducible run to run.
 //
 // Kernels, in launch order:
-//   fused_features   z = normalise(u + v)                        (with centres only)
 //   forward_rows     softmax x4, instance term + grad, centre-target term + grad
+//                    (from vcen = v centers^T, with centres only)
 //   column_means     pbar, qbar (fixed-order column reduction)
 //   infonce_rows     row softmax-CE of the [2K, 2K] cluster similarity and its gradient G
 //   infonce_A        A = H / (c c^T) - diag(s / c^2), H = (G + G^T) / tau  (in place over M)
 //   normalize_rows / diag_ce / normalize_rows_backward   centre InfoNCE around cuBLAS GEMMs
-//   balance          balance term, its gradient vector and the marginal
+//   balance          the two KL terms, their gradient vectors and the marginal
 //   backward_rows    + balance gradient, softmax backward in place
 //   finalize         the five loss scalars from the per-row partials
 
@@ -101,32 +106,12 @@ __device__ __forceinline__ T warp_softmax(const T* __restrict__ l, T* __restrict
   return m + dlog(s);
 }
 
-template <typename T>
-__global__ void fused_features_kernel(const T* __restrict__ u, const T* __restrict__ v, T* __restrict__ z, int64_t B,
-                                      int64_t D) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
-  const int lane = threadIdx.x % kWarp;
-  if (row >= B) return;
-  const T* ur = u + row * D;
-  const T* vr = v + row * D;
-  T* zr = z + row * D;
-  T acc = 0;
-  for (int64_t d = lane; d < D; d += kWarp) {
-    const T x = ur[d] + vr[d];
-    zr[d] = x;
-    acc += x * x;
-  }
-  acc = warp_sum(acc);
-  const T inv = T(1) / max(dsqrt(acc), static_cast<T>(kNormEps));
-  for (int64_t d = lane; d < D; d += kWarp) zr[d] *= inv;
-}
-
 struct StepScalars {
   double center_tau, w_instance, w_center;
 };
 
 template <typename T>
-__global__ void forward_rows_kernel(const T* __restrict__ li, const T* __restrict__ lt, const T* __restrict__ zc,
+__global__ void forward_rows_kernel(const T* __restrict__ li, const T* __restrict__ lt, const T* __restrict__ vcen,
                                     T* __restrict__ P, T* __restrict__ Q, T* __restrict__ GP, T* __restrict__ GQ,
                                     T* __restrict__ row_inst, T* __restrict__ row_tgt, int64_t B, int64_t K,
                                     StepScalars sc) {
@@ -169,22 +154,22 @@ __global__ void forward_rows_kernel(const T* __restrict__ li, const T* __restric
     gqn[k] = a2 * p[k];
     gpn[k] = a3 * q[k];
   }
-  if (zc != nullptr) {
-    // T_i = softmax(z_i c^T / tau_center), the prototype target
-    const T* zr = zc + i * K;
+  if (vcen != nullptr) {
+    // T_i = softmax(v_i c^T / tau_center), the prototype target (v as given)
+    const T* vr = vcen + i * K;
     const T inv_ctau = static_cast<T>(1.0 / sc.center_tau);
     T m = neg_inf<T>();
-    for (int64_t k = lane; k < K; k += kWarp) m = max(m, zr[k] * inv_ctau);
+    for (int64_t k = lane; k < K; k += kWarp) m = max(m, vr[k] * inv_ctau);
     m = warp_max(m);
     T s = 0;
-    for (int64_t k = lane; k < K; k += kWarp) s += dexp(zr[k] * inv_ctau - m);
+    for (int64_t k = lane; k < K; k += kWarp) s += dexp(vr[k] * inv_ctau - m);
     s = warp_sum(s);
     const T inv = T(1) / s;
     const T ct = static_cast<T>(-0.5 * sc.w_center / B);
     const T log_eps = static_cast<T>(kLogEps);
     T acc = 0;
     for (int64_t k = lane; k < K; k += kWarp) {
-      const T tk = dexp(zr[k] * inv_ctau - m) * inv;
+      const T tk = dexp(vr[k] * inv_ctau - m) * inv;
       acc += tk * (max(lp[k] - lse_p, log_eps) + max(lq[k] - lse_q, log_eps));
       if (p[k] >= eps) gp[k] += ct * tk / p[k];
       if (q[k] >= eps) gq[k] += ct * tk / q[k];
@@ -333,30 +318,31 @@ __global__ void diag_ce_kernel(const T* __restrict__ L, T* __restrict__ dL, T* _
   if (lane == 0) row_loss[r] = m + dlog(s) - lr[r];
 }
 
-// One block: the balance term (entropies into out[0], out[1]), its gradient vectors and
-// the marginal (pbar + qbar) / 2.
+// One block: the balance term (KL(pbar || prior) into out[0], KL(qbar || prior) into
+// out[1]), its gradient vectors w_balance / B (log pbar_k + [pbar_k >= tiny] - log prior_k)
+// and the marginal (pbar + qbar) / 2. prior == nullptr: uniform, log prior_k = log_uniform.
 template <typename T>
-__global__ void balance_kernel(const T* __restrict__ pbar, const T* __restrict__ qbar, const T* __restrict__ w,
+__global__ void balance_kernel(const T* __restrict__ pbar, const T* __restrict__ qbar, const T* __restrict__ prior,
                                T* __restrict__ gbal_p, T* __restrict__ gbal_q, T* __restrict__ marginal,
-                               T* __restrict__ out, int64_t K, int64_t B, T w_balance, T log_k, T tiny) {
+                               T* __restrict__ out, int64_t K, int64_t B, T w_balance, T log_uniform, T tiny) {
   __shared__ T shared[kReduceThreads];
-  T hp = 0, hq = 0;
+  T klp = 0, klq = 0;
+  const T c = w_balance / static_cast<T>(B);
   for (int64_t k = threadIdx.x; k < K; k += kReduceThreads) {
     const T pk = pbar[k], qk = qbar[k];
-    const T wk = w != nullptr ? w[k] : T(1);
+    const T lpi = prior != nullptr ? dlog(prior[k]) : log_uniform;
     const T lp = dlog(max(pk, tiny)), lq = dlog(max(qk, tiny));
-    hp -= wk * pk * lp;
-    hq -= wk * qk * lq;
-    const T c = w_balance * wk / (static_cast<T>(B) * log_k);
-    gbal_p[k] = c * (lp + (pk >= tiny ? T(1) : T(0)));
-    gbal_q[k] = c * (lq + (qk >= tiny ? T(1) : T(0)));
+    klp += pk * (lp - lpi);
+    klq += qk * (lq - lpi);
+    gbal_p[k] = c * (lp + (pk >= tiny ? T(1) : T(0)) - lpi);
+    gbal_q[k] = c * (lq + (qk >= tiny ? T(1) : T(0)) - lpi);
     marginal[k] = T(0.5) * (pk + qk);
   }
-  hp = block_sum(hp, shared);
-  hq = block_sum(hq, shared);
+  klp = block_sum(klp, shared);
+  klq = block_sum(klq, shared);
   if (threadIdx.x == 0) {
-    out[0] = hp;
-    out[1] = hq;
+    out[0] = klp;
+    out[1] = klq;
   }
 }
 
@@ -397,21 +383,33 @@ __device__ T block_mean(const T* x, int64_t n, T* shared) {
 template <typename T>
 __global__ void finalize_kernel(const T* __restrict__ row_inst, const T* __restrict__ row_tgt,
                                 const T* __restrict__ nce1, const T* __restrict__ nce2, const T* __restrict__ ce_row,
-                                const T* __restrict__ ce_col, const T* __restrict__ ent, T* __restrict__ losses,
-                                int64_t B, int64_t K, T w_instance, T w_assignment, T w_center, T w_balance, T log_k) {
+                                const T* __restrict__ ce_col, const T* __restrict__ kl, T* __restrict__ losses,
+                                int64_t B, int64_t K, T w_instance, T w_assignment, T w_center, T w_balance) {
   __shared__ T shared[kReduceThreads];
   const T inst = block_mean(row_inst, B, shared);
   const T tgt = block_mean(row_tgt, B, shared);
   const T a = T(0.5) * (block_mean(nce1, 2 * K, shared) + block_mean(nce2, 2 * K, shared));
   const T c = T(0.5) * (block_mean(ce_row, K, shared) + block_mean(ce_col, K, shared)) + tgt;
   if (threadIdx.x == 0) {
-    const T bal = -(ent[0] + ent[1]) / log_k;
+    const T bal = kl[0] + kl[1];
     losses[0] = w_instance * inst + w_assignment * a + w_center * c + w_balance * bal;
     losses[1] = inst;
     losses[2] = a;
     losses[3] = c;
     losses[4] = bal;
   }
+}
+
+// The prior's layout, as fused_step.cpp checks it: [K], the logits' dtype and device
+// (its values are checked by the public op; checking them here would need a sync).
+void check_prior(const at::Tensor& logits_i, const c10::optional<at::Tensor>& prior) {
+  if (!prior.has_value() || !prior->defined()) return;
+  TORCH_CHECK(prior->dim() == 1 && prior->size(0) == logits_i.size(1), "fused_step: prior must be [K=",
+              logits_i.size(1), "], got ", prior->sizes());
+  TORCH_CHECK(prior->scalar_type() == logits_i.scalar_type(), "fused_step: prior must have the logits' dtype ",
+              logits_i.scalar_type(), ", got ", prior->scalar_type());
+  TORCH_CHECK(prior->device() == logits_i.device(), "fused_step: prior must be on the logits' device ",
+              logits_i.device(), ", got ", prior->device());
 }
 
 inline unsigned int warp_blocks(int64_t rows) { return static_cast<unsigned int>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock); }
@@ -477,32 +475,28 @@ void center_infonce_cuda(const at::Tensor& p, const at::Tensor& q, const at::Ten
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_step_cuda_impl(
     const at::Tensor& logits_i, const at::Tensor& logits_t, const at::Tensor& u, const at::Tensor& v,
-    const c10::optional<at::Tensor>& centers, const c10::optional<at::Tensor>& weights, double cluster_tau,
+    const c10::optional<at::Tensor>& centers, const c10::optional<at::Tensor>& prior, double cluster_tau,
     double center_tau, double w_instance, double w_assignment, double w_center, double w_balance) {
-  const int64_t B = u.size(0), K = logits_i.size(1), D = u.size(1);
+  const int64_t B = u.size(0), K = logits_i.size(1);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor li = logits_i.contiguous(), lt = logits_t.contiguous();
   at::Tensor uc = u.contiguous(), vc = v.contiguous();
   at::Tensor P = at::empty_like(li), Q = at::empty_like(lt);
   at::Tensor GP = at::empty_like(li), GQ = at::empty_like(lt);
-  // per-row partial losses: inst [B], tgt [B], nce1 [2K], nce2 [2K], ce_row [K], ce_col [K], entropies [2]
+  // per-row partial losses: inst [B], tgt [B], nce1 [2K], nce2 [2K], ce_row [K], ce_col [K], the two KLs [2]
   at::Tensor scratch = at::empty({2 * B + 6 * K + 2}, li.options());
   at::Tensor row_inst = scratch.narrow(0, 0, B), row_tgt = scratch.narrow(0, B, B);
   at::Tensor nce1 = scratch.narrow(0, 2 * B, 2 * K), nce2 = scratch.narrow(0, 2 * B + 2 * K, 2 * K);
   at::Tensor ce_row = scratch.narrow(0, 2 * B + 4 * K, K), ce_col = scratch.narrow(0, 2 * B + 5 * K, K);
-  at::Tensor ent = scratch.narrow(0, 2 * B + 6 * K, 2);
+  at::Tensor kl = scratch.narrow(0, 2 * B + 6 * K, 2);
 
   const bool with_centers = centers.has_value() && centers->defined();
-  at::Tensor zc;
-  if (with_centers) {
-    at::Tensor z = at::empty({B, D}, uc.options());
-    fused_features_kernel<T><<<warp_blocks(B), kThreads, 0, stream>>>(uc.data_ptr<T>(), vc.data_ptr<T>(),
-                                                                      z.data_ptr<T>(), B, D);
-    zc = at::mm(z, centers->contiguous().t());
-  }
+  // the centre target's logits v c^T (v as given: the centres live in the counterpart space)
+  at::Tensor vcen;
+  if (with_centers) vcen = at::mm(vc, centers->contiguous().t());
   StepScalars sc{center_tau, w_instance, w_center};
   forward_rows_kernel<T><<<warp_blocks(B), kThreads, 0, stream>>>(
-      li.data_ptr<T>(), lt.data_ptr<T>(), with_centers ? zc.data_ptr<T>() : nullptr, P.data_ptr<T>(), Q.data_ptr<T>(),
+      li.data_ptr<T>(), lt.data_ptr<T>(), with_centers ? vcen.data_ptr<T>() : nullptr, P.data_ptr<T>(), Q.data_ptr<T>(),
       GP.data_ptr<T>(), GQ.data_ptr<T>(), row_inst.data_ptr<T>(), row_tgt.data_ptr<T>(), B, K, sc);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
@@ -516,16 +510,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   cluster_infonce_cuda<T>(q, pn, gq, gpn, cluster_tau, 0.5 * w_assignment, nce2, stream);
   center_infonce_cuda<T>(p, q, uc, vc, gp, gq, cluster_tau, w_center, ce_row, ce_col, stream);
 
-  at::Tensor wts;
-  if (weights.has_value() && weights->defined()) wts = weights->contiguous();
+  at::Tensor pri;
+  if (prior.has_value() && prior->defined()) pri = prior->contiguous();
   at::Tensor gbal = at::empty({2, K}, li.options());
   at::Tensor marginal = at::empty({K}, li.options());
-  const T log_k = static_cast<T>(std::log(static_cast<double>(std::max<int64_t>(K, 2))));
+  const T log_uniform = static_cast<T>(-std::log(static_cast<double>(K)));
   balance_kernel<T><<<1, kReduceThreads, 0, stream>>>(bars[0].data_ptr<T>(), bars[1].data_ptr<T>(),
-                                                      wts.defined() ? wts.data_ptr<T>() : nullptr,
+                                                      pri.defined() ? pri.data_ptr<T>() : nullptr,
                                                       gbal[0].data_ptr<T>(), gbal[1].data_ptr<T>(),
-                                                      marginal.data_ptr<T>(), ent.data_ptr<T>(), K, B,
-                                                      static_cast<T>(w_balance), log_k,
+                                                      marginal.data_ptr<T>(), kl.data_ptr<T>(), K, B,
+                                                      static_cast<T>(w_balance), log_uniform,
                                                       std::numeric_limits<T>::min());
   backward_rows_kernel<T><<<dim3(warp_blocks(2 * B), 2), kThreads, 0, stream>>>(
       P.data_ptr<T>(), GP.data_ptr<T>(), Q.data_ptr<T>(), GQ.data_ptr<T>(), gbal[0].data_ptr<T>(),
@@ -533,8 +527,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor losses = at::empty({5}, li.options());
   finalize_kernel<T><<<1, kReduceThreads, 0, stream>>>(
       row_inst.data_ptr<T>(), row_tgt.data_ptr<T>(), nce1.data_ptr<T>(), nce2.data_ptr<T>(), ce_row.data_ptr<T>(),
-      ce_col.data_ptr<T>(), ent.data_ptr<T>(), losses.data_ptr<T>(), B, K, static_cast<T>(w_instance),
-      static_cast<T>(w_assignment), static_cast<T>(w_center), static_cast<T>(w_balance), log_k);
+      ce_col.data_ptr<T>(), kl.data_ptr<T>(), losses.data_ptr<T>(), B, K, static_cast<T>(w_instance),
+      static_cast<T>(w_assignment), static_cast<T>(w_center), static_cast<T>(w_balance));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {losses, GP, GQ, P, Q, marginal};
 }
@@ -543,13 +537,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_step_cuda(
     const at::Tensor& logits_i, const at::Tensor& logits_t, const at::Tensor& u, const at::Tensor& v,
-    const c10::optional<at::Tensor>& centers, const c10::optional<at::Tensor>& weights, double cluster_tau,
+    const c10::optional<at::Tensor>& centers, const c10::optional<at::Tensor>& prior, double cluster_tau,
     double center_tau, double w_instance, double w_assignment, double w_center, double w_balance) {
   check_fused_step_inputs(logits_i, logits_t, u, v);
+  check_prior(logits_i, prior);
   const c10::cuda::OptionalCUDAGuard guard(logits_i.device());
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(logits_i.scalar_type(), "fused_step_cuda", [&] {
-    out = fused_step_cuda_impl<scalar_t>(logits_i, logits_t, u, v, centers, weights, cluster_tau, center_tau,
+    out = fused_step_cuda_impl<scalar_t>(logits_i, logits_t, u, v, centers, prior, cluster_tau, center_tau,
                                          w_instance, w_assignment, w_center, w_balance);
   });
   return out;

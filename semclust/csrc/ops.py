@@ -164,7 +164,7 @@ def center_update(x: Tensor, k: int, labels: Optional[Tensor] = None, probs: Opt
 
 # ---- fused_step ------------------------------------------------------------------------
 
-def _fused_step_fake(logits_i, logits_t, u, v, centers, weights, cluster_tau, center_tau,
+def _fused_step_fake(logits_i, logits_t, u, v, centers, prior, cluster_tau, center_tau,
                      w_instance, w_assignment, w_center, w_balance):
     k = logits_i.shape[1]
     return (logits_i.new_empty(5), torch.empty_like(logits_i), torch.empty_like(logits_t),
@@ -173,12 +173,13 @@ def _fused_step_fake(logits_i, logits_t, u, v, centers, weights, cluster_tau, ce
 
 class FusedStepFunction(torch.autograd.Function):
     """Forward: one extension call computing the loss, its parts and both logit
-    gradients. Backward: the saved gradients times the incoming scalar gradient."""
+    gradients. Backward: the saved gradients times the incoming scalar gradient.
+    u, v, centers and prior are constants (no gradient)."""
 
     @staticmethod
-    def forward(ctx, logits_i, logits_t, u, v, centers, weights, cluster_tau, center_tau, w_instance, w_assignment, w_center, w_balance):
+    def forward(ctx, logits_i, logits_t, u, v, centers, prior, cluster_tau, center_tau, w_instance, w_assignment, w_center, w_balance):
         out, g_i, g_t, probs_i, probs_t, marginal = torch.ops.semclust_ext.fused_step(
-            logits_i, logits_t, u, v, centers, weights,
+            logits_i, logits_t, u, v, centers, prior,
             cluster_tau, center_tau, w_instance, w_assignment, w_center, w_balance,
         )
         ctx.save_for_backward(g_i, g_t)
@@ -194,9 +195,11 @@ class FusedStepFunction(torch.autograd.Function):
 
 def fused_step(
     logits_i: Tensor, logits_t: Tensor, u: Tensor, v: Tensor,
-    centers: Optional[Tensor] = None, weights: Optional[Tensor] = None, *,
+    centers: Optional[Tensor] = None, prior: Optional[Tensor] = None, *,
     cluster_tau: float, center_tau: float, w_instance: float, w_assignment: float, w_center: float, w_balance: float,
 ) -> StepResult:
+    """The ext implementation of `semclust.ops.fused_step.fused_step` (inputs validated
+    there): balance = KL(p_bar || prior) + KL(q_bar || prior), prior [K] or None (uniform)."""
     reason = device_reason(logits_i.device)
     if reason is not None:
         raise BackendUnavailable(f"the ext backend cannot run fused_step: {reason}")
@@ -206,7 +209,7 @@ def fused_step(
     # the extension reads every input in the logits' dtype
     cast = lambda t: None if t is None else t.detach().to(dt)  # noqa: E731
     loss, out, probs_i, probs_t, marginal = FusedStepFunction.apply(
-        li, lt, cast(u), cast(v), cast(centers), cast(weights),
+        li, lt, cast(u), cast(v), cast(centers), cast(prior),
         float(cluster_tau), float(center_tau), float(w_instance), float(w_assignment), float(w_center), float(w_balance),
     )
     return StepResult(loss, out[1], out[2], out[3], out[4], marginal, probs_i, probs_t)

@@ -1,13 +1,26 @@
-"""Semantic-space selection and text-counterpart retrieval (TAC's recipe).
+"""Semantic-space selection and text-counterpart retrieval.
 
-1. Spherical k-means on the images with M = max(K, N // images_per_centre) centres.
-2. Every noun votes for its nearest centre (softmax over the centres); each centre keeps
-   its gamma nouns most similar to it; T' is their union (<= gamma M nouns). Nouns no
-   image is near never enter, which keeps a 20k-noun vocabulary from drowning the
-   signal. Ranking by the cosine to the centre rather than by the vote's softmax
-   probability is a choice made here: at TAC's temperatures the probability saturates
-   at 1.0 for most nouns, and ties would make the pick arbitrary.
-3. v_i = normalise(sum_w softmax_w(u_i . t'_w / tau) t'_w): each image's text counterpart.
+Two recipes, chosen by `SemanticSpaceConfig.method` (the counterpart step follows
+`CounterpartConfig`):
+
+"pool" (the default; the seed paper's reading of "nouns near the k-means centres"):
+  1. Spherical k-means on the images with K centres (the clusters sought).
+  2. Each centre keeps its `pool_per_centre` (200) nouns of highest cosine; the candidate
+     pool T' is their union. A pool per cluster-level centre keeps every cluster's
+     vocabulary, sub-concepts included (a superclass whose nouns name its subclasses
+     still finds them), while nouns no image is near never enter.
+  3. v_i = normalise(sum_{w in top_i} softmax_w(u_i . t_w / tau) t_w) over the image's
+     `per_image` (50) most similar pool nouns, tau = 0.01. Under CLIP's modality gap all
+     nouns sit at nearly the same cosine to an image (0.2-0.35); restricting the softmax
+     to the image's own top nouns keeps the long tail of the other thousands from
+     blurring the counterpart toward the text cone's mean.
+
+"tac" (TAC, Li et al. 2024):
+  1. k-means with M = max(K, N // images_per_centre) centres;
+  2. every noun votes for its nearest centre (softmax over the centres at `noun_tau`);
+     each centre keeps its `nouns_per_centre` voters of highest vote probability, ties
+     broken by cosine;
+  3. retrieval over all kept nouns (per_image = 0) at tau = 0.005.
 """
 
 from __future__ import annotations
@@ -42,25 +55,37 @@ def select_nouns(
     u: Tensor, nouns: Tensor, k: int, cfg: SemanticSpaceConfig, seed: int = 0, chunks: ChunkConfig = ChunkConfig(),
     progress: bool = False,
 ) -> SemanticSpace:
-    """Choose the nouns near the images' semantic centres. u [N, D], nouns [W, D]."""
+    """Choose the nouns near the images' semantic centres (see the module doc for the
+    two methods). u [N, D] and nouns [W, D] unit rows."""
     n = u.shape[0]
-    m = min(n, max(k, n // cfg.images_per_centre))
+    m = k if cfg.method == "pool" else min(n, max(k, n // cfg.images_per_centre))
     rank, world = dist.rank_world()
     # distributed: each rank reads its shard of rows; centres are all-reduced, identical everywhere
     lo, hi = dist.shard_range(n, rank, world)
     reduce = dist.ShardedRows(global_offset=lo) if dist.is_distributed() else None
     km = ops.kmeans(u[lo:hi], m, iters=cfg.kmeans_iters, restarts=cfg.kmeans_restarts, seed=seed,
                     chunk_size=chunks.assign, progress=progress and rank == 0, reduce=reduce)
-    votes = ops.assign(nouns, km.centers.to(nouns.dtype), cfg.noun_tau, chunk_size=chunks.assign)
-    chosen = []
-    for c in range(m):
-        members = torch.nonzero(votes.labels == c).flatten()
-        if members.numel():
-            sim = nouns[members].float() @ km.centers[c].float()
-            top = torch.topk(sim, min(cfg.nouns_per_centre, members.numel())).indices
-            chosen.append(members[top])
-    index = torch.unique(torch.cat(chosen)) if chosen else torch.arange(nouns.shape[0])
-    log.info("semantic space: %d centres (objective %.4f), %d of %d nouns kept", m, float(km.objective), index.numel(), nouns.shape[0])
+    centers = km.centers.to(nouns.dtype)
+    if cfg.method == "pool":
+        # [W, M] cosines, a noun chunk at a time: the top nouns of every centre at once
+        per = min(cfg.pool_per_centre, nouns.shape[0])
+        index = torch.unique(ops.knn(nouns, per, queries=centers, exclude_self=False,
+                                     database_chunk=chunks.knn_database)[1].flatten())
+    else:
+        votes = ops.assign(nouns, centers, cfg.noun_tau, chunk_size=chunks.assign)
+        chosen = []
+        for c in range(m):
+            members = torch.nonzero(votes.labels == c).flatten()
+            if members.numel():
+                # TAC's rank: the vote's probability; at low noun_tau it saturates at 1.0 for
+                # many nouns, so the cosine to the centre breaks the ties (two stable sorts)
+                cos = nouns[members].float() @ km.centers[c].float()
+                order = torch.argsort(cos, descending=True, stable=True)
+                order = order[torch.argsort(votes.conf[members][order], descending=True, stable=True)]
+                chosen.append(members[order[: cfg.nouns_per_centre]])
+        index = torch.unique(torch.cat(chosen)) if chosen else torch.arange(nouns.shape[0])
+    log.info("semantic space (%s): %d centres (objective %.4f), %d of %d nouns kept", cfg.method, m,
+             float(km.objective), index.numel(), nouns.shape[0])
     return SemanticSpace(km.centers, index, float(km.objective))
 
 
@@ -76,9 +101,21 @@ def text_counterparts(
     """
     chunks = chunks or ChunkConfig()
     b = bank.float().to(u.device)
+    top = min(cfg.per_image, b.shape[0]) if cfg.per_image else 0
 
     def block(lo: int, hi: int) -> Tensor:
-        return ops.retrieve(u[lo:hi].to(b.device).float(), b, cfg.tau, normalize=True, chunk_size=chunks.retrieve)
-
+        x = u[lo:hi].to(b.device).float()
+        if not top:
+            return ops.retrieve(x, b, cfg.tau, normalize=True, chunk_size=chunks.retrieve)
+        # the image's `top` most similar nouns (a kernel op), softmax over them only
+        s, idx = ops.knn(b, top, queries=x, exclude_self=False, query_chunk=chunks.knn_queries,
+                         database_chunk=chunks.knn_database)
+        w = torch.softmax(s.float() / cfg.tau, dim=1)  # softmax subtracts the row max: tau = 0.005 is safe
+        out = torch.empty_like(x)
+        # sum_j w_ij b[idx_ij] as a sparse [rows, W'] x [W', D] product, 1024 rows at a time
+        for r in range(0, x.shape[0], 1024):
+            dense = torch.zeros(min(1024, x.shape[0] - r), b.shape[0], device=b.device).scatter_(1, idx[r : r + 1024], w[r : r + 1024])
+            out[r : r + 1024] = dense @ b
+        return torch.nn.functional.normalize(out, dim=1)
     return rows.fill(ws or Workspace(None), name, tuple(u.shape), u.dtype, block, chunk=chunks.retrieve, reads=(u,),
                      desc="counterparts", unit="img", progress=progress)

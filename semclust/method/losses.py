@@ -13,43 +13,60 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from .. import ops
+from ..runtime import distributed as dist
 
 
 def update_centers(
-    centers: Optional[Tensor], p: Tensor, q: Tensor, u: Tensor, v: Tensor, momentum: float, confident: float = 0.5
+    centers: Optional[Tensor], p: Tensor, q: Tensor, v: Tensor, momentum: float, confident: float = 0.5
 ) -> Tensor:
-    """EMA of fused centres from confident members: weights w_ik = (p_ik + q_ik)/2 for
-    samples whose fused confidence is at least the batch median (weaker members would
-    drag centres to the cluster borders); z = normalise(u + v) mixes both modalities."""
+    """EMA of the text-space centres from confident members: weights w_ik = (p_ik + q_ik)/2
+    for samples whose fused confidence is at least the batch median (weaker members would
+    drag centres to the cluster borders), features v the text counterparts."""
     with torch.no_grad():
         w = 0.5 * (p + q)
         conf = w.max(1).values
         keep = conf >= conf.quantile(confident)
-        z = F.normalize(u + v, dim=1)
-        new, _ = ops.center_update(z[keep], w.shape[1], probs=w[keep], previous=centers, momentum=momentum if centers is not None else 0.0)
+        new, _ = ops.center_update(v[keep], w.shape[1], probs=w[keep], previous=centers,
+                                   momentum=momentum if centers is not None else 0.0)
         return new
 
 
+def initial_centers(v: Tensor, k: int, seed: int, restarts: int = 3, chunk_size: int = 65536) -> Tensor:
+    """[K, D] k-means centres of the text counterparts v [N, D] (all ranks together)."""
+    n = v.shape[0]
+    rank, world = dist.rank_world()
+    lo, hi = dist.shard_range(n, rank, world)
+    reduce = dist.ShardedRows(global_offset=lo) if dist.is_distributed() else None
+    return ops.kmeans(v[lo:hi], k, restarts=restarts, seed=seed, chunk_size=chunk_size, reduce=reduce).centers.float()
+
+
 @dataclass
-class BalanceState:
-    """EMA of cluster shares for the dynamic balancing weights (SEIC-r, momentum 0.9)."""
+class BalancePrior:
+    """The dynamic balancing regularizer's estimate of the cluster prior.
+
+    pi = (1 - mix) s + mix U, where s is the EMA of the batch marginals (the model's own
+    cluster shares: the EM estimate of a mixture's weights) and U the uniform prior. The
+    balance term KL(p_bar || pi) then lets clusters keep the sizes the data give them
+    (a long tail stays a long tail) while the uniform part still pulls a starving
+    cluster back (its pull grows as log(s_k K / mix) when s_k -> 0), so none dies.
+    mix = 1 is TAC's uniform target.
+    """
 
     shares: Tensor  # [K]
-    momentum: float = 0.9
-    power: float = 1.0
+    momentum: float = 0.99
+    mix: float = 0.5
 
     @classmethod
-    def uniform(cls, k: int, momentum: float, power: float, device: torch.device | str = "cpu") -> "BalanceState":
-        return cls(torch.full((k,), 1.0 / k, device=device), momentum, power)
+    def uniform(cls, k: int, momentum: float, mix: float, device: torch.device | str = "cpu") -> "BalancePrior":
+        return cls(torch.full((k,), 1.0 / k, device=device), momentum, mix)
 
     def update(self, marginal: Tensor) -> None:
-        self.shares = self.momentum * self.shares + (1 - self.momentum) * marginal.detach()
+        self.shares = self.momentum * self.shares + (1 - self.momentum) * marginal.detach().to(self.shares.dtype)
 
-    def weights(self) -> Tensor:
-        """w_k = (K share_k)^-power, normalised to mean 1: starved clusters weigh more."""
-        k = self.shares.shape[0]
-        w = (k * self.shares).clamp_min(1e-3) ** (-self.power)
-        return w / w.mean()
+    def prior(self, mix: Optional[float] = None) -> Tensor:
+        """[K] pi, positive and summing to 1."""
+        lam = self.mix if mix is None else mix
+        s = self.shares / self.shares.sum()
+        return (1.0 - lam) * s + lam / s.shape[0]

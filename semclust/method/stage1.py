@@ -29,7 +29,7 @@ from ..runtime import distributed as dist
 from ..runtime.files import atomic_write, load_checkpoint
 from ..runtime.mmap import fingerprint, release
 from ..runtime.prefetch import prefetch
-from . import losses
+from . import losses, tac
 from .heads import Heads
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,19 @@ def _gather(u: Tensor, v: Tensor, plan: list[tuple[Tensor, Tensor, Tensor]], dev
         yield idx, rows(u, idx), rows(u, ji), rows(v, idx), rows(v, jt)
 
 
+def _train_tac(u: Tensor, v: Tensor, k: int, ni: Tensor, nt: Tensor, cfg: Stage1Config, seed: int,
+               chunks: ChunkConfig) -> Stage1Result:
+    """Stage 1 with TAC's objective and TAC's settings for K (a baseline, one process; it
+    holds u and v in float32 and takes seconds, so it is not checkpointed)."""
+    if dist.rank_world()[1] > 1:
+        raise ValueError("Stage1Config(objective='tac') runs in one process; use objective='semclust' with torch.distributed")
+    st = tac.tac_settings(k)
+    heads, history = tac.fit_tac_heads(u, v, k, ni, nt, epochs=st["epochs"], batch_size=st["batch_size"], lr=st["lr"],
+                                       tau=st["tau"], entropy_weight=st["entropy_weight"], hidden=cfg.hidden, seed=seed)
+    labels, conf = heads.predict(u.float(), v.float() if cfg.predict_with == "both" else None, chunk_size=chunks.assign)
+    return Stage1Result(heads, labels, conf, history)
+
+
 def train_stage1(
     u: Tensor,
     v: Tensor,
@@ -113,6 +126,8 @@ def train_stage1(
     n, d = u.shape
     if n < 2:
         raise ValueError("stage 1 needs at least 2 samples")
+    if cfg.objective == "tac":
+        return _train_tac(u, v, k, image_neighbours, text_neighbours, cfg, seed, chunks)
     device = u.device
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -129,8 +144,7 @@ def train_stage1(
         dist.use_global_batchnorm(heads)
         model = torch.nn.parallel.DistributedDataParallel(heads, broadcast_buffers=False)
     opt = torch.optim.Adam(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state = losses.BalanceState.uniform(k, cfg.balance_momentum, cfg.balance_power, device) if cfg.balance == "dynamic" else None
-    w_bal = cfg.w_balance if cfg.balance == "dynamic" else cfg.balance_fixed_weight
+    state = losses.BalancePrior.uniform(k, cfg.balance_momentum, cfg.balance_mix, device) if cfg.balance == "dynamic" else None
     centers: Optional[Tensor] = None
     history = []
     # the ext backend computes the whole loss and its logit gradients in one fused call
@@ -147,6 +161,9 @@ def train_stage1(
             state.shares = ck["shares"].to(device)
         history, start = ck["history"], ck["epoch"] + 1
         log.info("stage 1 resumes after epoch %d from %s", ck["epoch"], checkpoint)
+    if cfg.center_target and centers is None:
+        centers = losses.initial_centers(v, k, seed, chunk_size=chunks.assign).to(device)
+        release(v)
     size = min(cfg.batch_size, n)
     # as many batches as `_batches` makes: a lone last row joins the previous batch
     steps_per_epoch = -(-n // size) - (1 if n > size and n % size == 1 else 0)
@@ -163,18 +180,18 @@ def train_stage1(
         for step, (idx, ub, un, vb, vn) in enumerate(prefetch(_gather(u, v, plan, device))):
             b = idx.numel()
             logits_i, logits_t = model(torch.cat([ub, un]), torch.cat([vb, vn]))
-            weights = state.weights() if state is not None else None
+            prior = state.prior() if state is not None else None
             terms = dict(cluster_tau=cfg.cluster_tau, center_tau=cfg.center_tau, w_instance=cfg.w_instance,
-                         w_assignment=cfg.w_assignment, w_center=cfg.w_center, w_balance=w_bal)
+                         w_assignment=cfg.w_assignment, w_center=cfg.w_center, w_balance=cfg.w_balance)
             target = centers if cfg.center_target else None
             if use_fused:
-                res = fused_step(logits_i, logits_t, ub, vb, target, weights, **terms)
+                res = fused_step(logits_i, logits_t, ub, vb, target, prior, **terms)
                 p, q = res.probs_i[:b], res.probs_t[:b]
                 parts, loss, marginal = {name: getattr(res, name) for name in PARTS}, res.loss, res.marginal
             else:
                 p, p_n, q, q_n, ub, vb = (dist.gather_batch(t, sizes[step]) for t in (
                     *torch.softmax(logits_i, 1).split(b), *torch.softmax(logits_t, 1).split(b), ub, vb))
-                loss, parts, marginal = stage1_loss(p, q, p_n, q_n, ub, vb, target, weights, **terms)
+                loss, parts, marginal = stage1_loss(p, q, p_n, q_n, ub, vb, target, prior, **terms)
             if state is not None:
                 state.update(marginal)
             if not torch.isfinite(loss):
@@ -182,7 +199,8 @@ def train_stage1(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            centers = losses.update_centers(centers, p.detach(), q.detach(), ub, vb, cfg.center_momentum)
+            if centers is not None:
+                centers = losses.update_centers(centers, p.detach(), q.detach(), vb, cfg.center_momentum)
             for name, val in {**parts, "total": loss}.items():
                 sums[name] = sums.get(name, 0.0) + float(val.detach())
             steps += 1

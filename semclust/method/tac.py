@@ -44,11 +44,13 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.reference import cluster_infonce
+from ..config import CounterpartConfig, SemanticSpaceConfig
+from .counterparts import select_nouns, text_counterparts
 from .heads import Heads
 
 __all__ = [
     "TacCounterparts", "tac_counterparts", "tac_neighbours", "tac_training_free",
-    "tac_settings", "train_tac_heads", "tac_heads",
+    "tac_settings", "fit_tac_heads", "train_tac_heads",
 ]
 
 LARGE_K = 100  # K at and above which TAC's large-K settings apply (see module docstring)
@@ -140,18 +142,14 @@ def tac_counterparts(
         raise ValueError(f"centres must be in [1, N={n}], got {m}")
     if per_centre < 1:
         raise ValueError(f"per_centre must be >= 1, got {per_centre}")
-    t = t.to(u.device)
-    km = ops.kmeans(u, m, seed=seed, restarts=kmeans_restarts)
-    vote = ops.assign(t, km.centers, 1.0)  # softmax over the M centres, per noun
-    keep = []
-    for c in range(m):
-        voters = torch.nonzero(vote.labels == c).flatten()
-        if voters.numel():
-            order = torch.argsort(vote.conf[voters], descending=True, stable=True)
-            keep.append(voters[order[:per_centre]])
-    selected = torch.sort(torch.cat(keep)).values
-    v = ops.retrieve(u, t[selected], tau, normalize=True)
-    return TacCounterparts(v, selected, m)
+    # semclust's "tac" recipe with TAC's settings: exactly M centres (asked for as K, with
+    # images_per_centre > N so that N // images_per_centre adds none), the vote at
+    # temperature 1, retrieval over every kept noun
+    space_cfg = SemanticSpaceConfig(method="tac", images_per_centre=n + 1, nouns_per_centre=per_centre,
+                                    noun_tau=1.0, kmeans_restarts=kmeans_restarts)
+    space = select_nouns(u, t.to(u.device), m, space_cfg, seed=seed)
+    v = text_counterparts(u, space.bank(t.to(u.device)), CounterpartConfig(tau=tau, per_image=0)).float()
+    return TacCounterparts(v, space.noun_index, int(space.centers.shape[0]))
 
 
 def tac_training_free(u: Tensor, v: Tensor, k: int, seed: int = 0, restarts: int = 10) -> np.ndarray:
@@ -167,16 +165,6 @@ def tac_training_free(u: Tensor, v: Tensor, k: int, seed: int = 0, restarts: int
     k = _check_k(k, u.shape[0])
     z = torch.cat([u, v.to(u.device)], dim=1)
     return ops.kmeans(z, k, seed=seed, restarts=restarts, iters=300).labels.cpu().numpy()
-
-
-def tac_heads(dim: int, k: int, hidden: int = 512) -> Heads:
-    """TAC's two cluster heads (the same Linear-BN-ReLU-Linear as semclust's, `image` on
-    image features, `text` on counterparts) with TAC's truncated-normal initialisation."""
-    heads = Heads(dim, k, hidden)
-    for head in (heads.image, heads.text):
-        nn.init.trunc_normal_(head.net[0].weight, std=0.02)
-        nn.init.trunc_normal_(head.net[3].weight, std=0.02)
-    return heads
 
 
 def _entropy_of_mean(p: Tensor) -> Tensor:
@@ -202,7 +190,7 @@ def _check_neighbours(name: str, idx: Tensor, n: int) -> Tensor:
     return idx.long()
 
 
-def train_tac_heads(
+def fit_tac_heads(
     u: Tensor,
     v: Tensor,
     k: int,
@@ -216,9 +204,8 @@ def train_tac_heads(
     entropy_weight: float = 5.0,
     hidden: int = 512,
     seed: int = 0,
-    predict: str = "image",
-) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """Train TAC's cluster heads (see the module docstring for the losses).
+) -> tuple[Heads, list[dict]]:
+    """Train TAC's cluster heads (see the module docstring for the losses); `train_tac_heads` predicts too.
 
     Args:
         u: [N, D] image features; v: [N, D] their text counterparts (normalised here).
@@ -229,10 +216,9 @@ def train_tac_heads(
         epochs, batch_size (clipped to N; the last incomplete batch is dropped), lr, tau
             (distillation temperature), entropy_weight, hidden: see `tac_settings(k)`.
         seed: the heads' initialisation, the shuffling and the neighbour draws.
-        predict: "image" (TAC: the image head) or "mean" (mean of both heads' probs).
     Returns:
-        (labels [N] int64, confidences [N] float32 (the max probability), history: one
-        dict per epoch with the mean "distill", "consist", "entropy" and "loss").
+        (the heads in eval mode, history: one dict per epoch with the mean "distill",
+        "consist", "entropy" and "loss").
     """
     u = _unit_rows("u", u)
     v = _unit_rows("v", v)
@@ -246,15 +232,13 @@ def train_tac_heads(
         raise ValueError(f"need epochs >= 1, batch_size >= 2, hidden >= 1; got {epochs}, {batch_size}, {hidden}")
     if not (lr > 0 and tau > 0 and entropy_weight >= 0):
         raise ValueError(f"need lr > 0, tau > 0, entropy_weight >= 0; got {lr}, {tau}, {entropy_weight}")
-    if predict not in ("image", "mean"):
-        raise ValueError(f"predict must be 'image' or 'mean', got {predict!r}")
     v = v.to(u.device)
     bs = min(batch_size, n)
 
     devices = [u.device] if u.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        model = tac_heads(d, k, hidden).to(u.device)
+        model = Heads(d, k, hidden).to(u.device)  # TAC's heads and init
     gen = torch.Generator(device="cpu").manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99))
     history = []
@@ -283,9 +267,33 @@ def train_tac_heads(
         history.append({"epoch": epoch + 1, **{key: val / steps for key, val in sums.items()}})
 
     model.eval()
+    return model, history
+
+
+def train_tac_heads(
+    u: Tensor,
+    v: Tensor,
+    k: int,
+    image_neighbours: Tensor,
+    text_neighbours: Tensor,
+    *,
+    predict: str = "image",
+    **settings,
+) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Train TAC's cluster heads (`fit_tac_heads`, whose keyword `settings` it takes) and
+    predict every row.
+
+    predict: "image" (TAC: the image head) or "mean" (mean of both heads' probs).
+    Returns:
+        (labels [N] int64, confidences [N] float32 (the max probability), history).
+    """
+    if predict not in ("image", "mean"):
+        raise ValueError(f"predict must be 'image' or 'mean', got {predict!r}")
+    model, history = fit_tac_heads(u, v, k, image_neighbours, text_neighbours, **settings)
+    u, v = _unit_rows("u", u), _unit_rows("v", v).to(u.device)
     with torch.no_grad():
         probs = []
-        for s in range(0, n, 8192):
+        for s in range(0, u.shape[0], 8192):
             p = torch.softmax(model.image(u[s : s + 8192]), 1)
             if predict == "mean":
                 p = 0.5 * (p + torch.softmax(model.text(v[s : s + 8192]), 1))

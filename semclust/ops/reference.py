@@ -256,37 +256,44 @@ def center_loss(
 
     (1) image centres sum_i p_ik u_i and text centres sum_i q_ik v_i are aligned
         by InfoNCE over the K centre pairs (temperature `cluster_tau`);
-    (2) "better centre generation": `centers` [K, D] are built from BOTH modalities and
-        from confident members, averaged over batches (`method.losses.update_centers`);
-        both heads are pulled towards the assignment those centres give,
-        softmax(z c^T / center_tau), with z = normalise(u + v) — a prototype target that
-        is steadier than any batch.
+    (2) "better centre generation": `centers` [K, D] live in the text-counterpart space,
+        where CLIP's nuisance factors (style, background) that dominate image features
+        are weakest; they start from k-means on the counterparts and follow an EMA of
+        confident members (`method.losses.update_centers`). Both heads are pulled towards
+        the assignment those centres give, softmax(v c^T / center_tau): a prototype target
+        that is steadier than any batch and carries the semantic clusters' own sizes.
     """
     ci, ct = soft_centers(p, u), soft_centers(q, v)
     logits = ci @ ct.T / cluster_tau
     tgt = torch.arange(ci.shape[0], device=p.device)
     loss = 0.5 * (F.cross_entropy(logits, tgt) + F.cross_entropy(logits.T, tgt))
     if centers is not None:
-        z = F.normalize(u + v, dim=1)
-        target = assign(z.detach(), centers, center_tau, return_probs=True).probs
+        target = assign(v.detach(), centers, center_tau, return_probs=True).probs
         loss = loss - 0.5 * (target * (torch.log(p.clamp_min(_EPS)) + torch.log(q.clamp_min(_EPS)))).sum(1).mean()
     return loss
 
 
-def balance_loss(p: Tensor, q: Tensor, weights: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """(-(H_w(p_bar) + H_w(q_bar)) / log K, the marginal (p_bar + q_bar) / 2 detached): the
-    (weighted) entropy of the batch's cluster marginals, maximised. `weights` [K] are the
-    dynamic balance weights (`method.losses.BalanceState.weights()`); None gives w = 1
-    (TAC's fixed entropy term). Dividing by log K keeps the weight comparable across K."""
-    hp = balance(p, weights=weights)
-    hq = balance(q, weights=weights)
-    marginal = (0.5 * (hp.marginal + hq.marginal)).detach()
-    return -(hp.entropy + hq.entropy) / math.log(max(p.shape[1], 2)), marginal
+def balance_loss(p: Tensor, q: Tensor, prior: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(KL(p_bar || prior) + KL(q_bar || prior), the marginal (p_bar + q_bar) / 2 detached),
+    p_bar = mean_i p_i the batch's cluster marginal.
+
+    `prior` [K] (positive, summing to 1) is the cluster prior the marginals are pulled
+    to: the dynamic balancing regularizer's estimate (`method.losses.BalancePrior`);
+    None gives the uniform prior, where KL(p_bar || U) = log K - H(p_bar) is TAC's
+    entropy term up to a constant."""
+    dt = _compute_dtype(p)
+    k = p.shape[1]
+    log_prior = torch.full((k,), -math.log(k), dtype=dt, device=p.device) if prior is None else torch.log(prior.to(dt))
+    bp, bq = balance(p), balance(q)
+    # KL(m || pi) = sum_k m_k log m_k - sum_k m_k log pi_k = -H(m) - <m, log pi>
+    kl = -(bp.entropy + bq.entropy) - ((bp.marginal + bq.marginal) * log_prior).sum()
+    marginal = (0.5 * (bp.marginal + bq.marginal)).detach()
+    return kl, marginal
 
 
 def stage1_loss(
     p: Tensor, q: Tensor, p_n: Tensor, q_n: Tensor, u: Tensor, v: Tensor,
-    centers: Optional[Tensor], weights: Optional[Tensor], *,
+    centers: Optional[Tensor], prior: Optional[Tensor], *,
     cluster_tau: float, center_tau: float, w_instance: float, w_assignment: float, w_center: float, w_balance: float,
 ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
     """The stage-1 loss on probabilities, free of side effects: (loss [], parts
@@ -294,13 +301,13 @@ def stage1_loss(
 
     loss = w_instance instance + w_assignment assignment + w_center center + w_balance balance;
     see each term's function. p, q [B, K] of the batch, p_n, q_n [B, K] of its sampled
-    neighbours, u, v [B, D] its features, centers [K, D] or None, weights [K] or None."""
+    neighbours, u, v [B, D] its features, centers [K, D] or None, prior [K] or None."""
     parts = {
         "instance": instance_loss(p, q, p_n, q_n),
         "assignment": assignment_loss(p, q, p_n, q_n, cluster_tau),
         "center": center_loss(p, q, u, v, centers, cluster_tau, center_tau),
     }
-    parts["balance"], marginal = balance_loss(p, q, weights)
+    parts["balance"], marginal = balance_loss(p, q, prior)
     loss = (
         w_instance * parts["instance"]
         + w_assignment * parts["assignment"]
@@ -312,17 +319,18 @@ def stage1_loss(
 
 def fused_step(
     logits_i: Tensor, logits_t: Tensor, u: Tensor, v: Tensor,
-    centers: Optional[Tensor] = None, weights: Optional[Tensor] = None, *,
+    centers: Optional[Tensor] = None, prior: Optional[Tensor] = None, *,
     cluster_tau: float, center_tau: float, w_instance: float, w_assignment: float, w_center: float, w_balance: float,
 ) -> StepResult:
     """The fused step's definition: softmax of both heads' logits [2B, K] (the batch,
-    then its neighbours), then `stage1_loss` (autograd gives the gradients)."""
+    then its neighbours), then `stage1_loss` (autograd gives the gradients); `prior` [K]
+    or None (uniform) is the balance term's cluster prior (`balance_loss`)."""
     b = u.shape[0]
     probs_i, probs_t = torch.softmax(logits_i, 1), torch.softmax(logits_t, 1)
     p, p_n = probs_i.split(b)
     q, q_n = probs_t.split(b)
     loss, parts, marginal = stage1_loss(
-        p, q, p_n, q_n, u, v, centers, weights, cluster_tau=cluster_tau, center_tau=center_tau,
+        p, q, p_n, q_n, u, v, centers, prior, cluster_tau=cluster_tau, center_tau=center_tau,
         w_instance=w_instance, w_assignment=w_assignment, w_center=w_center, w_balance=w_balance,
     )
     return StepResult(loss, *(parts[k].detach() for k in PARTS), marginal, probs_i.detach(), probs_t.detach())
