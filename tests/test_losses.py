@@ -157,3 +157,19 @@ def test_select_confident_is_class_balanced():
     # the kept samples of a cluster are its most confident ones
     kept0 = conf[sel[labels[sel] == 0]]
     assert kept0.min() >= conf[labels == 0].topk(45).values.min()
+
+
+def test_similarity_spread_is_scale_free_in_the_cone():
+    # the same directions squeezed into a narrow cone around a common mean: the spread
+    # shrinks with the cone, so tau = c x spread gives the same target sharpness
+    g = torch.Generator().manual_seed(0)
+    dirs = torch.nn.functional.normalize(torch.randn(200, 16, generator=g), dim=1)
+    mean = torch.nn.functional.normalize(torch.randn(16, generator=g), dim=0)
+    wide, narrow = (torch.nn.functional.normalize(mean + s * dirs, dim=1) for s in (3.0, 0.2))
+    c_wide, c_narrow = wide[:5], narrow[:5]
+    s_wide, s_narrow = losses.similarity_spread(wide, c_wide), losses.similarity_spread(narrow, c_narrow)
+    assert s_narrow < 0.25 * s_wide
+    want = float((wide @ c_wide.T).std(1).mean())
+    assert s_wide == pytest.approx(want, rel=1e-6)
+    # a strided sample of rows
+    assert losses.similarity_spread(wide, c_wide, sample=50) == pytest.approx(float((wide[::4] @ c_wide.T).std(1).mean()), rel=1e-6)

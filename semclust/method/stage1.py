@@ -146,6 +146,7 @@ def train_stage1(
     opt = torch.optim.Adam(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = losses.BalancePrior.uniform(k, cfg.balance_momentum, cfg.balance_mix, device) if cfg.balance == "dynamic" else None
     centers: Optional[Tensor] = None
+    center_tau: Optional[float] = None
     history = []
     # the ext backend computes the whole loss and its logit gradients in one fused call
     use_fused = fused_step_active(device) and world == 1
@@ -157,12 +158,18 @@ def train_stage1(
         opt.load_state_dict(ck["opt"])
         g.set_state(ck["rng"])
         centers = None if ck["centers"] is None else ck["centers"].to(device)
+        center_tau = ck["center_tau"]
         if state is not None:
             state.shares = ck["shares"].to(device)
         history, start = ck["history"], ck["epoch"] + 1
         log.info("stage 1 resumes after epoch %d from %s", ck["epoch"], checkpoint)
     if cfg.center_target and centers is None:
         centers = losses.initial_centers(v, k, seed, chunk_size=chunks.assign).to(device)
+        release(v)
+    # the target's temperature in units of the spread of v . c at the initial centres
+    # (computed once; a resumed run reads it back, so it trains exactly as before)
+    if cfg.center_target and center_tau is None:
+        center_tau = cfg.center_tau * losses.similarity_spread(v, centers)
         release(v)
     size = min(cfg.batch_size, n)
     # as many batches as `_batches` makes: a lone last row joins the previous batch
@@ -181,7 +188,7 @@ def train_stage1(
             b = idx.numel()
             logits_i, logits_t = model(torch.cat([ub, un]), torch.cat([vb, vn]))
             prior = state.prior() if state is not None else None
-            terms = dict(cluster_tau=cfg.cluster_tau, center_tau=cfg.center_tau, w_instance=cfg.w_instance,
+            terms = dict(cluster_tau=cfg.cluster_tau, center_tau=center_tau or cfg.center_tau, w_instance=cfg.w_instance,
                          w_assignment=cfg.w_assignment, w_center=cfg.w_center, w_balance=cfg.w_balance)
             target = centers if cfg.center_target else None
             if use_fused:
@@ -214,7 +221,7 @@ def train_stage1(
         bar.set_postfix(epoch=epoch, loss=f"{row['total']:.3f}")
         if checkpoint is not None and rank == 0:
             payload = {"run": run_id, "epoch": epoch, "heads": heads.state_dict(), "opt": opt.state_dict(),
-                       "rng": g.get_state(), "centers": centers, "history": history,
+                       "rng": g.get_state(), "centers": centers, "center_tau": center_tau, "history": history,
                        "shares": state.shares if state is not None else None}
             atomic_write(Path(checkpoint), lambda f: torch.save(payload, f))
         dist.barrier()  # every rank sees the checkpoint of this epoch before going on
