@@ -47,19 +47,6 @@ constexpr double kNormEps = 1e-12;
 // rows per work item; fixed (not derived from the thread count) so sums are reproducible
 constexpr int64_t kRowBlock = 32;
 
-// The prior's layout (fused_step.cu has the same check): [K], the logits' dtype and
-// device. Its values (finite, > 0) are checked by the public op
-// (semclust.ops.fused_step), which would otherwise need a device sync here on CUDA.
-void check_prior(const at::Tensor& logits_i, const c10::optional<at::Tensor>& prior) {
-  if (!prior.has_value() || !prior->defined()) return;
-  TORCH_CHECK(prior->dim() == 1 && prior->size(0) == logits_i.size(1), "fused_step: prior must be [K=",
-              logits_i.size(1), "], got ", prior->sizes());
-  TORCH_CHECK(prior->scalar_type() == logits_i.scalar_type(), "fused_step: prior must have the logits' dtype ",
-              logits_i.scalar_type(), ", got ", prior->scalar_type());
-  TORCH_CHECK(prior->device() == logits_i.device(), "fused_step: prior must be on the logits' device ",
-              logits_i.device(), ", got ", prior->device());
-}
-
 template <typename T>
 struct StepBuffers {
   int64_t B, K, D;

@@ -400,18 +400,6 @@ __global__ void finalize_kernel(const T* __restrict__ row_inst, const T* __restr
   }
 }
 
-// The prior's layout, as fused_step.cpp checks it: [K], the logits' dtype and device
-// (its values are checked by the public op; checking them here would need a sync).
-void check_prior(const at::Tensor& logits_i, const c10::optional<at::Tensor>& prior) {
-  if (!prior.has_value() || !prior->defined()) return;
-  TORCH_CHECK(prior->dim() == 1 && prior->size(0) == logits_i.size(1), "fused_step: prior must be [K=",
-              logits_i.size(1), "], got ", prior->sizes());
-  TORCH_CHECK(prior->scalar_type() == logits_i.scalar_type(), "fused_step: prior must have the logits' dtype ",
-              logits_i.scalar_type(), ", got ", prior->scalar_type());
-  TORCH_CHECK(prior->device() == logits_i.device(), "fused_step: prior must be on the logits' device ",
-              logits_i.device(), ", got ", prior->device());
-}
-
 inline unsigned int warp_blocks(int64_t rows) { return static_cast<unsigned int>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock); }
 
 template <typename T>

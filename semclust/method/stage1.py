@@ -163,13 +163,13 @@ def train_stage1(
             state.shares = ck["shares"].to(device)
         history, start = ck["history"], ck["epoch"] + 1
         log.info("stage 1 resumes after epoch %d from %s", ck["epoch"], checkpoint)
-    if cfg.center_target and centers is None:
-        centers = losses.initial_centers(v, k, seed, chunk_size=chunks.assign).to(device)
-        release(v)
-    # the target's temperature in units of the spread of v . c at the initial centres
-    # (computed once; a resumed run reads it back, so it trains exactly as before)
-    if cfg.center_target and center_tau is None:
-        center_tau = cfg.center_tau * losses.similarity_spread(v, centers)
+    if cfg.center_target:
+        if centers is None:
+            centers = losses.initial_centers(v, k, seed, chunk_size=chunks.assign).to(device)
+        # the target's temperature in units of the spread of v . c at the initial centres
+        # (computed once; a resumed run reads it back, so it trains exactly as before)
+        if center_tau is None:
+            center_tau = cfg.center_tau * losses.similarity_spread(v, centers)
         release(v)
     size = min(cfg.batch_size, n)
     # as many batches as `_batches` makes: a lone last row joins the previous batch

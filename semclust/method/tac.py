@@ -147,8 +147,9 @@ def tac_counterparts(
     # temperature 1, retrieval over every kept noun
     space_cfg = SemanticSpaceConfig(method="tac", images_per_centre=n + 1, nouns_per_centre=per_centre,
                                     noun_tau=1.0, kmeans_restarts=kmeans_restarts)
-    space = select_nouns(u, t.to(u.device), m, space_cfg, seed=seed)
-    v = text_counterparts(u, space.bank(t.to(u.device)), CounterpartConfig(tau=tau, per_image=0)).float()
+    t = t.to(u.device)
+    space = select_nouns(u, t, m, space_cfg, seed=seed)
+    v = text_counterparts(u, space.bank(t), CounterpartConfig(tau=tau, per_image=0)).float()
     return TacCounterparts(v, space.noun_index, int(space.centers.shape[0]))
 
 
@@ -290,14 +291,6 @@ def train_tac_heads(
     if predict not in ("image", "mean"):
         raise ValueError(f"predict must be 'image' or 'mean', got {predict!r}")
     model, history = fit_tac_heads(u, v, k, image_neighbours, text_neighbours, **settings)
-    u, v = _unit_rows("u", u), _unit_rows("v", v).to(u.device)
-    with torch.no_grad():
-        probs = []
-        for s in range(0, u.shape[0], 8192):
-            p = torch.softmax(model.image(u[s : s + 8192]), 1)
-            if predict == "mean":
-                p = 0.5 * (p + torch.softmax(model.text(v[s : s + 8192]), 1))
-            probs.append(p)
-        probs = torch.cat(probs)
-    conf, labels = probs.max(1)
+    u = _unit_rows("u", u)
+    labels, conf = model.predict(u, _unit_rows("v", v).to(u.device) if predict == "mean" else None, chunk_size=8192)
     return labels.cpu().numpy().astype(np.int64), conf.float().cpu().numpy(), history
