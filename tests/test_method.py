@@ -41,7 +41,8 @@ def test_stage1_beats_kmeans_on_the_same_features(run):
 
 @pytest.mark.slow
 def test_stage2_improves_on_stage1(run):
-    assert run["stage2"] >= run["stage1"] + 0.05, run
+    # 5 points, or half the error left where stage 1 is already within 10 points of 1.0
+    assert run["stage2"] >= run["stage1"] + min(0.05, 0.5 * (1.0 - run["stage1"])), run
 
 
 @pytest.mark.slow
