@@ -14,11 +14,12 @@ from .dispatch import BackendUnavailable, available_backends, use_backend
 from .fused_step import fused_step
 from .kmeans import kmeans
 from .knn import knn
+from .normalize import normalize_rows
 from .reference import AssignResult, BalanceResult, KMeansResult, StepResult
 from .retrieve import retrieve
 
 __all__ = [
-    "assign", "retrieve", "knn", "center_update", "balance", "kmeans", "fused_step",
+    "assign", "retrieve", "knn", "center_update", "balance", "kmeans", "fused_step", "normalize_rows",
     "use_backend", "available_backends", "BackendUnavailable",
     "AssignResult", "BalanceResult", "KMeansResult", "StepResult",
 ]
