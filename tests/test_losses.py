@@ -130,8 +130,25 @@ def test_update_centers_uses_confident_members_and_ema():
     assert torch.allclose(c, torch.nn.functional.normalize(torch.tensor([[0.9, 0.2], [0.1, 0.8]]), dim=1), atol=1e-6)
     prev = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
     c2 = losses.update_centers(prev, p, p, v, momentum=0.9)
-    want = torch.nn.functional.normalize(0.9 * prev + 0.1 * c, dim=1)
+    # kept masses 1.1 and 0.9 (mean 1.0): momentum 0.9 ** 1.1 and 0.9 ** 0.9
+    m = torch.tensor([[0.9**1.1], [0.9**0.9]])
+    want = torch.nn.functional.normalize(m * prev + (1 - m) * c, dim=1)
     assert torch.allclose(c2, want, atol=1e-6)
+
+
+def test_update_centers_leaves_a_starving_centre_where_it_is():
+    # cluster 2 has almost no mass in the batch: its weighted batch mean is the batch's
+    # mean direction, and a plain EMA would drag it there by (1 - momentum) every step
+    g = torch.Generator().manual_seed(0)
+    v = torch.nn.functional.normalize(torch.eye(3)[torch.arange(64) % 2] + 0.01 * torch.randn(64, 3, generator=g), dim=1)
+    p = torch.full((64, 3), 1e-4)
+    p[torch.arange(64), torch.arange(64) % 2] = 1 - 2e-4
+    prev = torch.eye(3)
+    c = prev
+    for _ in range(50):
+        c = losses.update_centers(c, p, p, v, momentum=0.9)
+    assert float(c[2] @ prev[2]) > 0.99
+    assert float(c[0] @ prev[0]) > 0.99 and float(c[1] @ prev[1]) > 0.99
 
 
 def test_initial_centers_are_the_counterparts_kmeans():
@@ -173,3 +190,25 @@ def test_similarity_spread_is_scale_free_in_the_cone():
     assert s_wide == pytest.approx(want, rel=1e-6)
     # a strided sample of rows
     assert losses.similarity_spread(wide, c_wide, sample=50) == pytest.approx(float((wide[::4] @ c_wide.T).std(1).mean()), rel=1e-6)
+
+
+def test_center_temperature_is_spread_units_up_to_ten_clusters_then_shrinks_with_k():
+    g = torch.Generator().manual_seed(3)
+    v = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=1)
+    for k in (2, 10, 40, 200):
+        c = v[:k]
+        want = 2.0 * float((v @ c.T).std(1).mean()) * min(1.0, 10 / k)
+        assert losses.center_temperature(v, c, 2.0) == pytest.approx(want, rel=1e-6)
+
+
+def test_center_target_keeps_its_top_one_mass_as_k_grows():
+    # in plain spread units the target of 200 well separated centres is ~uniform
+    g = torch.Generator().manual_seed(4)
+    top1 = {}
+    for k in (10, 200):
+        c = torch.nn.functional.normalize(torch.randn(k, 32, generator=g), dim=1)
+        v = torch.nn.functional.normalize(c[torch.arange(2000) % k] + 0.15 * torch.randn(2000, 32, generator=g), dim=1)
+        for name, tau in (("spread", 2.0 * losses.similarity_spread(v, c)), ("rule", losses.center_temperature(v, c, 2.0))):
+            top1[name, k] = float(torch.softmax(v @ c.T / tau, 1).max(1).values.mean())
+    assert top1["spread", 200] < 0.1
+    assert top1["rule", 200] >= top1["rule", 10] == top1["spread", 10]

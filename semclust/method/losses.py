@@ -23,14 +23,25 @@ def update_centers(
 ) -> Tensor:
     """EMA of the text-space centres from confident members: weights w_ik = (p_ik + q_ik)/2
     for samples whose fused confidence is at least the batch median (weaker members would
-    drag centres to the cluster borders), features v the text counterparts."""
+    drag centres to the cluster borders), features v the text counterparts.
+
+    The EMA is mass-weighted: centre k moves with momentum m_k = momentum ** (n_k / n_bar),
+    n_k = sum_i w_ik its mass in the batch and n_bar the mass of an average cluster. A
+    plain EMA would move every centre by the same step towards its weighted batch mean,
+    and for a cluster with little mass in the batch that mean is close to the mean of the
+    whole batch: at K = 200 (two to three members per cluster in a batch of 512) the
+    starving centres drift to the global mean, merge, and the target collapses the
+    partition to a third of K. With m_k a centre moves as much as its members say,
+    per sample, whatever K and the batch size."""
     with torch.no_grad():
         w = 0.5 * (p + q)
         conf = w.max(1).values
         keep = conf >= conf.quantile(confident)
-        new, _ = ops.center_update(v[keep], w.shape[1], probs=w[keep], previous=centers,
-                                   momentum=momentum if centers is not None else 0.0)
-        return new
+        new, mass = ops.center_update(v[keep], w.shape[1], probs=w[keep])
+        if centers is None:
+            return new
+        m = (momentum ** (mass / mass.mean().clamp_min(1e-12)))[:, None].to(new.dtype)
+        return torch.nn.functional.normalize(m * centers.to(new.dtype) + (1 - m) * new, dim=1)
 
 
 def initial_centers(v: Tensor, k: int, seed: int, restarts: int = 3, chunk_size: int = 65536) -> Tensor:
@@ -51,6 +62,25 @@ def similarity_spread(v: Tensor, centers: Tensor, sample: int = 65536) -> float:
     with torch.no_grad():
         sims = v[::step].to(centers.device, torch.float32) @ centers.float().T
         return float(sims.std(1).mean().clamp_min(1e-6))
+
+
+# the K at which the default `Stage1Config.center_tau` was chosen (the ten-class scenarios)
+REFERENCE_K = 10
+
+
+def center_temperature(v: Tensor, centers: Tensor, scale: float, sample: int = 65536) -> float:
+    """tau_a of the centre target softmax(v c^T / tau_a): scale x spread x min(1, 10 / K).
+
+    The spread (`similarity_spread`) gives the target the same sharpness with and without
+    a modality gap. The factor min(1, REFERENCE_K / K) keeps it from flattening as K
+    grows: a row's target mass on its best centre competes with K - 1 rivals, so at one
+    temperature the target tends to uniform with K (measured on the gap scenarios at
+    2 x spread: mean top-1 probability 0.27 at K = 10, 0.06 at K = 100, 0.035 at K = 200,
+    entropy 0.93-0.97 of log K). A flat target pulls both heads towards uniform rows and
+    lets neighbouring clusters merge (stage-1 ACC 0.17 at K = 200, 0.51 with the factor;
+    the sweep is in the README). K = v's centre count."""
+    k = centers.shape[0]
+    return scale * similarity_spread(v, centers, sample) * min(1.0, REFERENCE_K / k)
 
 
 @dataclass

@@ -166,10 +166,10 @@ def train_stage1(
     if cfg.center_target:
         if centers is None:
             centers = losses.initial_centers(v, k, seed, chunk_size=chunks.assign).to(device)
-        # the target's temperature in units of the spread of v . c at the initial centres
-        # (computed once; a resumed run reads it back, so it trains exactly as before)
+        # the target's temperature from the initial centres (computed once; a resumed run
+        # reads it back, so it trains exactly as before)
         if center_tau is None:
-            center_tau = cfg.center_tau * losses.similarity_spread(v, centers)
+            center_tau = losses.center_temperature(v, centers, cfg.center_tau)
         release(v)
     size = min(cfg.batch_size, n)
     # as many batches as `_batches` makes: a lone last row joins the previous batch
