@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..runtime.files import npy_header
 from .sources import PathLike
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ def load_embeddings(path: PathLike, mmap: bool = False, dtype: torch.dtype | Non
         Tensor [N, D] on CPU.
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: unknown format, not 2-D, not floating, empty, or rows with NaN/Inf.
+        ValueError: unknown format, not 2-D, not floating, empty, rows with NaN/Inf, or an
+            `.npy` file shorter than its header declares (DamagedFileError).
     """
     path = Path(path)
     if not path.exists():
@@ -91,6 +93,9 @@ def _read_embeddings(path: Path, mmap: bool) -> Tensor:
 
 
 def _read_npy(path: Path, mmap: bool) -> Tensor:
+    # np.load believes the header: one declaring more rows than the file holds would
+    # allocate them (MemoryError) or overrun the map, without naming the file
+    npy_header(path)
     # "c" (copy-on-write) rather than "r": torch cannot mark a tensor read-only, and a
     # write into a read-only map would crash the process
     arr = np.load(path, mmap_mode="c" if mmap else None, allow_pickle=False)
@@ -137,6 +142,7 @@ def load_labels(path: PathLike) -> np.ndarray:
         raise FileNotFoundError(f"labels file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".npy":
+        npy_header(path)
         arr = np.load(path, allow_pickle=False)
         if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
             raise ValueError(f"{str(path)!r} must hold a 1-D integer array, got shape {arr.shape} dtype {arr.dtype}")

@@ -13,6 +13,9 @@ Every file is written to a temporary name in the same directory, fsync'd and the
 `os.replace`d, and the manifest is rewritten the same way after each shard, so the
 manifest never names a file that is not completely on disk: a crash loses at most the
 rows buffered since the last shard, and a writer opened on the same directory resumes.
+
+A manifest is input like any other file: it is checked against `_SCHEMA` before any of
+its values is used, and a shard it names must be a file inside the store directory.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..runtime.files import TMP_PREFIX, atomic_write, sha256_file
+from ..runtime.files import TMP_PREFIX, atomic_write, npy_header, plain_name, resolves_inside, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +42,86 @@ DEFAULT_SHARD_ROWS = 65536
 DEFAULT_CHUNK_ROWS = 65536
 
 
+class ManifestError(ValueError):
+    """A manifest.json that is not a valid manifest of this store format."""
+
+
+class IncompleteStoreError(ValueError):
+    """A store whose writer is still running or was interrupted."""
+
+
+_OPTIONAL_STR = (str, type(None))
+# every field a manifest must have, with its JSON type (an int field never takes a bool)
+_SCHEMA: dict[str, Any] = {
+    "format": str, "model": str, "pretrained": _OPTIONAL_STR, "checkpoint_sha256": _OPTIONAL_STR,
+    "dim": int, "count": int, "dtype": str, "shard_rows": int, "shards": list, "complete": bool,
+    "source_consumed": int,
+}
+_SHARD_SCHEMA: dict[str, Any] = {"file": str, "rows": int, "sha256": str, "items": str, "items_sha256": str}
+
+
+def _check_fields(obj: Any, schema: dict[str, Any], where: str) -> str | None:
+    """Why `obj` does not match `schema` (naming the field), or None when it does."""
+    if not isinstance(obj, dict):
+        return f"{where or 'the manifest'} must be a JSON object, got {type(obj).__name__}"
+    for field, kind in schema.items():
+        name = f"{where}.{field}" if where else field
+        if field not in obj:
+            return f"field {name!r} is missing"
+        value = obj[field]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            expected = "str or null" if kind is _OPTIONAL_STR else kind.__name__
+            return f"field {name!r} has type {type(value).__name__}, expected {expected}"
+        if kind is int and value < 0:
+            return f"field {name!r} is negative ({value})"
+    return None
+
+
+def _manifest_problem(path: Path, meta: Any) -> str | None:
+    """Why `meta` is not a valid manifest of the store at `path`, or None: the one place
+    that knows the schema, so no reader meets a missing key or a foreign path."""
+    problem = _check_fields(meta, _SCHEMA, "")
+    if problem:
+        return problem
+    if meta["dtype"] != DTYPE:
+        return f"field 'dtype' is {meta['dtype']!r}, expected {DTYPE!r}"
+    for field in ("dim", "shard_rows"):
+        if not meta[field]:
+            return f"field {field!r} must be positive"
+    for i, entry in enumerate(meta["shards"]):
+        problem = _check_fields(entry, _SHARD_SCHEMA, f"shards[{i}]")
+        if problem:
+            return problem
+        for field in ("file", "items"):
+            # joined to the store directory and read: a crafted name must not reach outside
+            if not plain_name(entry[field]) or not resolves_inside(path, entry[field]):
+                return f"field 'shards[{i}].{field}' ({entry[field]!r}) is not a file name inside {path}"
+    rows = sum(entry["rows"] for entry in meta["shards"])
+    if rows != meta["count"]:
+        return f"field 'count' is {meta['count']} but the shards hold {rows} rows"
+    return None
+
+
 def _read_manifest(path: Path) -> dict[str, Any]:
     file = path / MANIFEST
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not an embedding store: {MANIFEST} is missing")
     try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON ({e}); the store is damaged") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else None
-        raise ValueError(f"{file} has format {found!r}; this version of semclust reads {FORMAT!r}")
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"corrupt store manifest {file}: {e}") from None
+    if isinstance(meta, dict) and meta.get("format") != FORMAT:
+        raise ManifestError(f"{file} has format {meta.get('format')!r}; this version of semclust reads {FORMAT!r}")
+    problem = _manifest_problem(path, meta)
+    if problem:
+        raise ManifestError(f"corrupt store manifest {file}: {problem}")
     return meta
+
+
+def has_manifest(path: str | os.PathLike) -> bool:
+    """True when `path` is a directory with a manifest.json: a store, perhaps a damaged
+    one (`open_store` says what is wrong), and never a folder of images."""
+    return (Path(path) / MANIFEST).is_file()
 
 
 def is_store(path: str | os.PathLike) -> bool:
@@ -244,12 +315,13 @@ class EmbeddingStore:
     """Read access to a store: shards memory-mapped, rows served as float32 chunks."""
 
     def __init__(self, path: Path, meta: dict[str, Any], shards: list[np.ndarray],
-                 items: list[str]) -> None:
+                 items: list[str], verified: bool) -> None:
         self.path = path
         self.meta = meta
         self._shards = shards
         self._starts = np.cumsum([0] + [len(s) for s in shards])
         self.items = items
+        self._verified = verified
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -274,8 +346,13 @@ class EmbeddingStore:
         return self._shards[i]
 
     def fingerprint(self) -> str:
-        """sha256 over the shards' recorded checksums: identifies the rows exactly without
-        reading them (open_store verified the checksums against the files)."""
+        """sha256 over the shards' checksums, which cover every byte of every shard (its
+        header too: shape and dtype). A store opened with verify=False has its checksums
+        verified now, once: a recorded checksum is only the content's if it matches."""
+        if not self._verified:
+            for entry in self.meta["shards"]:
+                _verify(self.path, entry)
+            self._verified = True
         sums = [e["sha256"] for e in self.meta["shards"]]
         return hashlib.sha256(json.dumps([self.meta["dim"], sums]).encode()).hexdigest()
 
@@ -308,41 +385,56 @@ class EmbeddingStore:
         return out
 
 
+def _verify(path: Path, entry: dict[str, Any]) -> None:
+    npy, txt = path / entry["file"], path / entry["items"]
+    if sha256_file(npy) != entry["sha256"]:
+        raise ValueError(f"checksum mismatch in shard {npy}: the file is corrupt or was modified")
+    if sha256_file(txt) != entry["items_sha256"]:
+        raise ValueError(f"checksum mismatch in {txt}: the file is corrupt or was modified")
+
+
 def _open_shard(path: Path, entry: dict[str, Any], dim: int, verify: bool) -> tuple[np.ndarray, list[str]]:
     npy, txt = path / entry["file"], path / entry["items"]
     for file in (npy, txt):
         if not file.is_file():
             raise FileNotFoundError(f"shard file {file.name} named in {path / MANIFEST} is missing")
     if verify:
-        if sha256_file(npy) != entry["sha256"]:
-            raise ValueError(f"checksum mismatch in shard {npy}: the file is corrupt or was modified")
-        if sha256_file(txt) != entry["items_sha256"]:
-            raise ValueError(f"checksum mismatch in {txt}: the file is corrupt or was modified")
+        _verify(path, entry)
+    # unverified, a truncated shard must still be named, not fail inside the memory map
+    shape, dtype, fortran = npy_header(npy)
+    if dtype != np.float16 or shape != (entry["rows"], dim) or fortran:
+        raise ValueError(f"shard {npy} holds {dtype} {shape}{' (Fortran order)' if fortran else ''}, "
+                         f"the manifest says float16 {(entry['rows'], dim)}")
     array = np.load(npy, mmap_mode="r", allow_pickle=False)
-    if array.dtype != np.float16 or array.shape != (entry["rows"], dim):
-        raise ValueError(f"shard {npy} holds {array.dtype} {array.shape}, the manifest says "
-                         f"float16 {(entry['rows'], dim)}")
     items = txt.read_text(encoding="utf-8").split("\n")[:-1]
     if len(items) != entry["rows"]:
         raise ValueError(f"{txt} lists {len(items)} items for {entry['rows']} rows")
     return array, items
 
 
-def open_store(path: str | os.PathLike, verify: bool = True) -> EmbeddingStore:
+def open_store(path: str | os.PathLike, verify: bool = True, *, allow_incomplete: bool = False) -> EmbeddingStore:
     """Open a store read-only; shards are memory-mapped.
 
     verify: check every shard's sha256 against the manifest (reads all bytes once).
-    Raises FileNotFoundError naming a missing shard, ValueError naming a corrupt one.
-    An incomplete store (an interrupted writer) opens with the rows written so far.
+    allow_incomplete: open a store whose writer is still running or was interrupted,
+        with the rows written so far (a resuming writer, a look at the progress);
+        otherwise such a store raises IncompleteStoreError, since its rows are not the
+        whole input.
+    Raises FileNotFoundError naming a missing shard, ManifestError naming the manifest
+    and field that is wrong, ValueError naming a corrupt shard.
     """
     path = Path(path)
     meta = _read_manifest(path)
+    if not meta["complete"] and not allow_incomplete:
+        raise IncompleteStoreError(
+            f"the store at {path} is incomplete ({meta['count']} rows so far): its writer is still running or "
+            "was interrupted; run `semclust embed` again to finish it (or pass allow_incomplete=True to read the "
+            "rows so far)")
     shards, items = [], []
     for entry in meta["shards"]:
-        array, shard_items = _open_shard(path, entry, int(meta["dim"]), verify)
+        array, shard_items = _open_shard(path, entry, meta["dim"], verify)
         shards.append(array)
         items.extend(shard_items)
     if not meta["complete"]:
-        log.warning("the store at %s is incomplete (%d rows so far): its writer was interrupted",
-                       path, meta["count"])
-    return EmbeddingStore(path, meta, shards, items)
+        log.info("the store at %s is incomplete (%d rows so far)", path, meta["count"])
+    return EmbeddingStore(path, meta, shards, items, verify)

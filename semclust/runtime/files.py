@@ -1,19 +1,76 @@
-"""Crash-safe file writes (a reader sees the old file or the new one, never half of one)
-and the safe loading of training checkpoints."""
+"""Crash-safe file writes (a reader sees the old file or the new one, never half of one),
+the checks that keep a crafted or damaged file from reaching a reader, and the safe
+loading of training checkpoints."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional
 
+import numpy as np
 import torch
 from safetensors.torch import save as safetensors_bytes
 
 TMP_PREFIX = ".tmp-"
 _HASH_BLOCK = 1 << 22
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError, RuntimeError):
+    """No space (or quota) left for a write. An OSError with its errno for code that
+    handles those, and a RuntimeError so a command line prints its one line."""
+
+
+def write_error(e: OSError, what: str, where: Path, remedy: str = "free space") -> OSError:
+    """`e` as one line naming what could not be written where, with the remedy: a
+    DiskFullError when the disk (or quota) is full, else an OSError of the same errno."""
+    kind = DiskFullError if e.errno in _DISK_FULL else OSError
+    return kind(e.errno, f"cannot {what} in {where}: {e.strerror or e}; {remedy}")
+
+
+class DamagedFileError(ValueError):
+    """A file whose header and size disagree (truncated, or crafted to declare more)."""
+
+
+def npy_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype, bool]:
+    """(shape, dtype, fortran_order) of an `.npy` file, checked against its size.
+
+    A header is a promise the reader acts on: `np.load` maps or allocates what it
+    declares, so a truncated file fails with "mmap length is greater than file size" and
+    one declaring 2^40 rows with MemoryError, neither naming the file. Raises
+    DamagedFileError naming it instead.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            # 3.0 differs from 2.0 only in allowing utf-8 field names, which no float array has
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            offset = f.tell()
+    except (ValueError, SyntaxError, EOFError) as e:
+        raise DamagedFileError(f"{path} is not a readable .npy file ({e})") from None
+    need = offset + int(np.prod(shape, dtype=object)) * dtype.itemsize
+    size = path.stat().st_size
+    if size < need:
+        raise DamagedFileError(f"{path} is damaged: its header declares {dtype} {tuple(shape)} ({need} bytes) "
+                               f"but the file has {size} bytes")
+    return tuple(shape), dtype, bool(fortran)
+
+
+def plain_name(name: object) -> bool:
+    """True for a file name that stays in the directory it is joined to: a non-empty
+    string without separators, NUL, "." or ".." (so not absolute either)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
+def resolves_inside(root: Path, name: str) -> bool:
+    """False when `root / name` is a symlink (or under one) that leads out of `root`."""
+    return (root / name).resolve().is_relative_to(root.resolve())
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -37,17 +94,25 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write `path` via `write(binary_file)` to a temp file in the same dir, fsync, replace."""
+    """Write `path` via `write(binary_file)` to a temp file in the same dir, fsync, replace.
+
+    A full disk raises DiskFullError naming the file; the temp file is removed and `path`
+    keeps its old content."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX + path.name + ".")
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX + path.name + ".")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        if e.errno in _DISK_FULL and not isinstance(e, DiskFullError):
+            raise write_error(e, f"write {path.name}", path.parent) from None
         raise
     fsync_dir(path.parent)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import mmap
 import weakref
 
@@ -11,11 +12,28 @@ import torch
 from torch import Tensor
 
 
-def fingerprint(t: Tensor, samples: int = 1024) -> str:
-    """sha256 of a tensor's shape and a strided sample of its rows (at most `samples` + 1):
-    cheap on a memory-mapped [N, D], and it changes when the data do in practice."""
-    rows = t[:: max(1, t.shape[0] // samples)].detach().float().cpu().contiguous()
-    return hashlib.sha256(repr(tuple(t.shape)).encode() + rows.numpy().tobytes()).hexdigest()
+# bytes hashed per step of `fingerprint`: bounds the contiguous copy it makes of each chunk
+_FINGERPRINT_CHUNK_BYTES = 1 << 24
+
+
+def fingerprint(t: Tensor) -> str:
+    """blake2b (32-byte hex) of a tensor's shape, dtype and every byte of its values.
+
+    A resumed fit reuses what a run with the same fingerprint computed, so a sample of
+    the rows is not enough: any changed element must change it. The rows are hashed in
+    chunks, each copied to one contiguous CPU block of at most ~16 MiB (one row at the
+    least), so memory stays bounded and a strided view hashes like its contiguous copy.
+    """
+    digest = hashlib.blake2b(digest_size=32)
+    digest.update(repr((tuple(t.shape), str(t.dtype))).encode())
+    rows = t.reshape(1, -1) if t.dim() == 0 else t
+    row_bytes = math.prod(rows.shape[1:]) * t.element_size()
+    step = max(1, _FINGERPRINT_CHUNK_BYTES // max(1, row_bytes))
+    for start in range(0, rows.shape[0], step):
+        chunk = rows[start:start + step].detach().to("cpu").contiguous()
+        # bytes, not values: exact for every dtype, bfloat16 included (which numpy lacks)
+        digest.update(chunk.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 # base address -> the mmap under a memory-mapped tensor, for `release`
