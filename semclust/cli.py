@@ -1,4 +1,12 @@
-"""The `semclust` command: demo, embed, fit, predict, evaluate, bench."""
+"""The `semclust` command: demo, embed, fit, predict, evaluate, bench.
+
+Every expected failure ends in one line on stderr, ``semclust <command>: error: ...``,
+and an exit code: 2 for what the user gave (options, paths, config files, model
+directories, tensor files), 1 for what the system refused (disk full, permissions).
+``--debug`` (or ``-v``) shows the traceback instead; anything unexpected always does. Cheap checks
+(option ranges, that named files exist, the config file) run before anything expensive
+(a CLIP model, the data) and before any output is created.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +15,22 @@ import importlib
 import json
 import os
 import logging
+import pickle
 import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 log = logging.getLogger("semclust")
 
-USER_ERRORS = (ValueError, FileNotFoundError, TypeError, RuntimeError, FileExistsError, NotADirectoryError)
+# exceptions that mean "the input is wrong" (exit 2); any other OSError is the system (exit 1)
+USER_ERRORS = (ValueError, TypeError, RuntimeError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               IsADirectoryError)
+SEED_MAX = 2**32 - 1  # numpy's seed range
+LABELS_FILE = "labels.npy"
 
 
 def _seed_everything(seed: int) -> None:
@@ -27,6 +41,94 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _int_in(low: int, high: Optional[int] = None) -> Callable[[str], int]:
+    """argparse type: an int in [low, high], so a bad value is a usage error before any work."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an int, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be >= {low}" + (f" and <= {high}" if high is not None else "")
+                                             + f", got {value}")
+        return value
+    return parse
+
+
+def _path(text: str) -> str:
+    """argparse type of a path: "" would mean the current folder, which no one means to give."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _must_exist(path: Optional[str], option: str) -> None:
+    if path is not None and not Path(path).exists():
+        raise FileNotFoundError(f"{option} {path!r} does not exist")
+
+
+def _parent_must_exist(path: Optional[str], option: str) -> None:
+    # checked up front: np.save / write_text would only fail after all the work
+    if path is not None and not Path(path).absolute().parent.is_dir():
+        raise FileNotFoundError(f"{option} {path!r}: folder {str(Path(path).absolute().parent)!r} does not exist")
+
+
+def _load_tensors(path: str, option: str) -> Any:
+    """Embeddings [N, D] from the file the user gave as `option`; a file that is corrupt or
+    holds anything but tensors (torch.load runs with weights_only=True, so no code ever
+    runs) is one ValueError naming it, not torch's page-long traceback."""
+    from .inputs.embeddings import load_embeddings
+
+    try:
+        return load_embeddings(path)
+    except pickle.UnpicklingError:
+        raise ValueError(f"cannot load {option} {path}: not a safe tensor file (torch.load(weights_only=True) "
+                         "refused it: it is corrupt or pickles objects other than tensors)") from None
+    except ValueError as e:  # load_embeddings' own checks, and numpy's on a bad .npy
+        raise ValueError(f"cannot load {option} {path}: {_first_line(e)}") from None
+    except OSError:  # the system's (permissions, I/O): main reports those itself
+        raise
+    except Exception as e:  # a corrupt file breaks torch's unpickler or safetensors in many ways (KeyError, EOFError ...)
+        raise ValueError(f"cannot load {option} {path}: not a safe tensor file "
+                         f"({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _read_input(path: str) -> Any:
+    """The positional input: an embedding file is loaded here (errors naming it), anything
+    else (image folder, store, image file) goes to the library as a path."""
+    from .inputs.classify import EMBEDDING_SUFFIXES
+
+    _must_exist(path, "input")
+    p = Path(path)
+    return _load_tensors(path, "input") if p.is_file() and p.suffix.lower() in EMBEDDING_SUFFIXES else path
+
+
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+def _read_config(path: Optional[str]) -> Any:
+    from .config import Config
+
+    if path is None:
+        return Config()
+    try:
+        data = json.loads(Path(path).read_text())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, an over-long int
+        raise ValueError(f"--config {path} is not valid JSON: {_first_line(e)}") from None
+    if not isinstance(data, dict):
+        raise TypeError(f"--config {path}: config file must hold a JSON object of sections (e.g. "
+                        f'{{"stage1": {{"epochs": 10}}}}), got a JSON {_JSON_KINDS[type(data)]}')
+    try:
+        return Config.from_dict(data)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"--config {path}: {e}") from None
 
 
 def _table(rows: list[dict], cols: Sequence[str]) -> str:
@@ -48,6 +150,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from .metrics import evaluate
     from .synthetic import SyntheticSpec, make_synthetic
 
+    if a.n < a.k:
+        raise ValueError(f"--n {a.n} must be at least -k {a.k} (one image per cluster)")
+    _parent_must_exist(a.json, "--json")
     _seed_everything(a.seed)
     spec = SyntheticSpec(n=a.n, k=a.k)
     data = make_synthetic(spec, seed=a.seed)
@@ -100,40 +205,46 @@ def cmd_embed(a: argparse.Namespace) -> int:
     return 0
 
 
-def _read_nouns(spec: Optional[str]):
-    if spec and Path(spec).suffix.lower() in (".npy", ".pt", ".pth", ".safetensors"):
-        from .inputs.embeddings import load_embeddings
+def _read_nouns(spec: Optional[str]) -> Any:
+    """--nouns: "default", "wordnet", a word file (read by the library) or noun embeddings
+    (loaded here); a missing file fails now, not after the images are encoded."""
+    from .inputs.classify import EMBEDDING_SUFFIXES
 
-        return load_embeddings(spec)
-    return spec
+    if spec is None or spec in ("default", "wordnet"):
+        return "default" if spec is None else spec
+    if not Path(spec).is_file():
+        raise FileNotFoundError(f"--nouns {spec!r} is not 'default', 'wordnet' or an existing file")
+    return _load_tensors(spec, "--nouns") if Path(spec).suffix.lower() in EMBEDDING_SUFFIXES else spec
 
 
 def cmd_fit(a: argparse.Namespace) -> int:
     from .api import SemanticClusterer
-    from .config import Config
     from .runtime.distributed import init_from_env
     from .runtime.report import Phases
 
-    _seed_everything(a.seed)
-    info = init_from_env()  # under torchrun: join the group; the fit then shards its phases
-    cfg = Config.from_dict(json.loads(Path(a.config).read_text())) if a.config else Config()
+    cfg = _read_config(a.config)
     if a.epochs is not None:
         cfg.stage1.epochs = a.epochs
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        raise NotADirectoryError(f"--out {a.out!r} exists and is not a directory")
     nouns = _read_nouns(a.nouns)
-    model = SemanticClusterer(a.k, clip=a.clip, pretrained=a.pretrained, nouns="default" if nouns is None else nouns,
+    x = _read_input(a.input)
+    _seed_everything(a.seed)
+    info = init_from_env()  # under torchrun: join the group; the fit then shards its phases
+    model = SemanticClusterer(a.k, clip=a.clip, pretrained=a.pretrained, nouns=nouns,
                               stage=a.stage, config=cfg, device=a.device or (str(info.device) if info.world > 1 else None),
                               seed=a.seed, progress=not a.no_progress and info.rank == 0,
                               checkpoint_dir=a.out, resume=a.resume)
-    model.fit(a.input)
+    model.fit(x)
     if info.rank != 0:  # every rank holds the same model; one writes it
         return 0
     out = model.save(a.out)
-    np.save(out / "labels.npy", model.labels_)
+    np.save(out / LABELS_FILE, model.labels_)
     counts = np.bincount(model.labels_[model.labels_ >= 0], minlength=a.k)
     print(f"fitted {len(model.labels_)} samples into {a.k} clusters ({model.mode_}); sizes {counts.tolist()}")
     if model.skipped_.count:
         print(str(model.skipped_))
-    print(f"model and labels.npy written to {out}")
+    print(f"model and {LABELS_FILE} written to {out}")
     if not a.no_progress:
         print(Phases.format(model.history_["phases"]))
     return 0
@@ -142,11 +253,24 @@ def cmd_fit(a: argparse.Namespace) -> int:
 def cmd_predict(a: argparse.Namespace) -> int:
     from .api import SemanticClusterer
 
+    out = _labels_path(a.out)
+    _must_exist(a.run, "run directory")
+    x = _read_input(a.input)
     model = SemanticClusterer.load(a.run, device=a.device)
-    labels = model.predict(a.input)
-    np.save(a.out, labels)
-    print(f"predicted {len(labels)} labels ({int((labels < 0).sum())} unreadable) -> {a.out}")
+    labels = model.predict(x)
+    np.save(out, labels)
+    print(f"predicted {len(labels)} labels ({int((labels < 0).sum())} unreadable) -> {out}")
     return 0
+
+
+def _labels_path(out: str) -> Path:
+    """The file `predict --out` writes: inside an existing folder, FOLDER/labels.npy;
+    otherwise the name with .npy added when it lacks it (as np.save would)."""
+    p = Path(out)
+    if p.is_dir():
+        return p / LABELS_FILE
+    _parent_must_exist(out, "--out")
+    return p if p.suffix == ".npy" else p.with_name(p.name + ".npy")
 
 
 def _grid(items: list[str], labels: np.ndarray, conf: np.ndarray, out: str, per_cluster: int = 8, size: int = 64) -> None:
@@ -171,9 +295,17 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .inputs.sources import ImageSource
     from .metrics import evaluate
 
-    model = SemanticClusterer.load(a.run, device="cpu")
-    pred = np.load(a.predictions) if a.predictions else model.labels_
+    if a.grid and not a.images:
+        raise ValueError("--grid needs --images (the folder the model was fitted on)")
+    _must_exist(a.run, "run directory")
+    _must_exist(a.labels, "--labels")
+    _must_exist(a.predictions, "--predictions")
+    _must_exist(a.images, "--images")
+    _parent_must_exist(a.grid, "--grid")
     truth = load_labels(a.labels)
+    given = np.load(a.predictions, allow_pickle=False) if a.predictions else None  # before the slower model
+    model = SemanticClusterer.load(a.run, device="cpu")
+    pred = model.labels_ if given is None else given
     if len(truth) != len(pred):
         raise ValueError(f"--labels has {len(truth)} entries but the predictions have {len(pred)}")
     ok = pred >= 0
@@ -181,8 +313,6 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     print(f"ACC {m['acc']:.4f}  NMI {m['nmi']:.4f}  ARI {m['ari']:.4f}  on {int(ok.sum())} samples"
           + (f" ({int((~ok).sum())} unreadable left out)" if (~ok).any() else ""))
     if a.grid:
-        if not a.images:
-            raise ValueError("--grid needs --images (the folder the model was fitted on)")
         src = ImageSource.from_folder(a.images)
         if len(src) != len(pred):
             raise ValueError(f"--images has {len(src)} images but the model labelled {len(pred)}")
@@ -225,12 +355,16 @@ def _parser() -> argparse.ArgumentParser:
     from .config import ChunkConfig
     from .inputs.store import DEFAULT_SHARD_ROWS
 
-    p = argparse.ArgumentParser(prog="semclust", description="Self-enhanced image clustering with cross-modal semantic consistency.")
+    p = argparse.ArgumentParser(prog="semclust", description="Self-enhanced image clustering with cross-modal semantic consistency.",
+                                epilog="An error is one line on stderr; exit code 2: bad arguments or input, 1: the system "
+                                       "refused (disk full, permissions). --debug shows its traceback.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line "
+                                                        "(as -v does, without the log)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser, clip: bool = False) -> None:
-        sp.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        sp.add_argument("--seed", type=_int_in(0, SEED_MAX), default=0, help="random seed (default 0)")
         sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
         if clip:
@@ -239,48 +373,50 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the method on the built-in synthetic set and print k-means vs stage 1 vs stage 2")
     common(d)
-    d.add_argument("--n", type=int, default=5000, help="images (default 5000)")
-    d.add_argument("-k", type=int, default=10, help="clusters (default 10)")
-    d.add_argument("--epochs", type=int, default=30, help="stage-1 epochs (default 30)")
-    d.add_argument("--stage2-epochs", type=int, default=10, help="stage-2 epochs (default 10)")
-    d.add_argument("--json", help="also write the table and history as JSON here")
+    d.add_argument("--n", type=_int_in(2), default=5000, help="images (default 5000)")
+    d.add_argument("-k", type=_int_in(2), default=10, help="clusters (default 10)")
+    d.add_argument("--epochs", type=_int_in(0), default=30, help="stage-1 epochs (default 30)")
+    d.add_argument("--stage2-epochs", type=_int_in(0), default=10, help="stage-2 epochs (default 10)")
+    d.add_argument("--json", type=_path, help="also write the table and history as JSON here")
     d.set_defaults(fn=cmd_demo)
 
     e = sub.add_parser("embed", help="encode an image folder into an fp16 embedding store (resumable)")
-    e.add_argument("images", help="image folder")
-    e.add_argument("--out", required=True, help="store directory")
-    e.add_argument("--batch-size", type=int, default=ChunkConfig.encode_batch_size)
-    e.add_argument("--workers", type=int, default=min(4, max(1, (os.cpu_count() or 2) - 1)),
+    e.add_argument("images", type=_path, help="image folder")
+    e.add_argument("--out", type=_path, required=True, help="store directory")
+    e.add_argument("--batch-size", type=_int_in(1), default=ChunkConfig.encode_batch_size)
+    e.add_argument("--workers", type=_int_in(0), default=min(4, max(1, (os.cpu_count() or 2) - 1)),
                    help="worker processes decoding images while the model encodes (default: min(4, cores - 1); 0: none)")
-    e.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, help="rows per shard file (a killed run resumes at the last whole shard)")
+    e.add_argument("--shard-rows", type=_int_in(1), default=DEFAULT_SHARD_ROWS, help="rows per shard file (a killed run resumes at the last whole shard)")
     common(e, clip=True)
     e.set_defaults(fn=cmd_embed)
 
     f = sub.add_parser("fit", help="cluster images, an image folder, or embeddings; write the model and labels")
-    f.add_argument("input", help="image folder, embedding store, or .npy/.pt/.safetensors embeddings")
-    f.add_argument("-k", type=int, required=True, help="number of clusters")
-    f.add_argument("--out", required=True, help="run directory (model + labels.npy)")
-    f.add_argument("--nouns", help="'default', 'wordnet', a word file, or noun embeddings (.npy/.pt/.safetensors)")
+    f.add_argument("input", type=_path, help="image folder, embedding store, or .npy/.pt/.safetensors embeddings")
+    f.add_argument("-k", type=_int_in(2), required=True, help="number of clusters")
+    f.add_argument("--out", type=_path, required=True, help="run directory (model + labels.npy)")
+    f.add_argument("--nouns", type=_path, help="'default', 'wordnet', a word file, or noun embeddings (.npy/.pt/.safetensors)")
     f.add_argument("--stage", type=int, choices=(1, 2), default=2)
-    f.add_argument("--epochs", type=int, help="stage-1 epochs (default from the config)")
-    f.add_argument("--config", help="JSON file with config overrides (see semclust.config)")
+    f.add_argument("--epochs", type=_int_in(0), help="stage-1 epochs (default from the config)")
+    f.add_argument("--config", type=_path, help="JSON file with config overrides (see semclust.config)")
     f.add_argument("--resume", action="store_true", help="continue a killed run in RUN (same input and settings): finished phases are reused, stage 1 and 2 continue from their last epoch")
     common(f, clip=True)
     f.set_defaults(fn=cmd_fit)
 
     pr = sub.add_parser("predict", help="label new images or embeddings with a fitted run")
-    pr.add_argument("run", help="run directory written by `semclust fit`")
-    pr.add_argument("input", help="images or embeddings, as for fit")
-    pr.add_argument("--out", required=True, help="output .npy of labels")
+    pr.add_argument("run", type=_path, help="run directory written by `semclust fit`")
+    pr.add_argument("input", type=_path, help="images or embeddings, as for fit")
+    pr.add_argument("--out", type=_path, required=True,
+                    help=f"labels file (.npy is added when missing); an existing folder gets FOLDER/{LABELS_FILE}. "
+                         "The path written is printed")
     common(pr)
     pr.set_defaults(fn=cmd_predict)
 
     ev = sub.add_parser("evaluate", help="ACC / NMI / ARI of a run against ground-truth labels")
-    ev.add_argument("run", help="run directory")
-    ev.add_argument("--labels", required=True, help="ground truth (.npy, or .txt/.csv with one int per line)")
-    ev.add_argument("--predictions", help="labels .npy to score instead of the run's own")
-    ev.add_argument("--grid", help="write a PNG grid of the most confident images per cluster")
-    ev.add_argument("--images", help="image folder of the run (for --grid)")
+    ev.add_argument("run", type=_path, help="run directory")
+    ev.add_argument("--labels", type=_path, required=True, help="ground truth (.npy, or .txt/.csv with one int per line)")
+    ev.add_argument("--predictions", type=_path, help="labels .npy to score instead of the run's own")
+    ev.add_argument("--grid", type=_path, help="write a PNG grid of the most confident images per cluster")
+    ev.add_argument("--images", type=_path, help="image folder of the run (for --grid)")
     common(ev)
     ev.set_defaults(fn=cmd_evaluate)
 
@@ -297,20 +433,42 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _error(e: BaseException, a: argparse.Namespace) -> Optional[tuple[int, str]]:
+    """(exit code, one-line message) of an expected failure; None for a bug."""
+    if isinstance(e, pickle.UnpicklingError):  # one no CLI helper could name (e.g. a --pretrained checkpoint)
+        return 2, "a file is not a safe tensor file (torch.load(weights_only=True) refused to unpickle it)"
+    if isinstance(e, OSError):
+        if e.strerror and e.filename is not None:
+            message = f"{e.strerror}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+        elif e.strerror:  # a write to an open file (disk full): name what the command was writing
+            out = getattr(a, "out", None) or getattr(a, "json", None)
+            message = e.strerror + (f" (while writing {out})" if out else "")
+        else:
+            message = _first_line(e, limit=1000)
+        return (2 if isinstance(e, USER_ERRORS) else 1), message
+    if isinstance(e, USER_ERRORS):
+        return 2, _first_line(e, limit=1000)
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.fn(args) or 0)
+        with warnings.catch_warnings():
+            # torch's weights-only unpickler warns about a legacy pickle's protocol, then
+            # refuses or loads it: either way the user's line is the error or the result
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return int(args.fn(args) or 0)
     except KeyboardInterrupt:
         print("semclust: interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as e:
-        if args.verbose:
+    except Exception as e:
+        known = _error(e, args)
+        if known is None or args.debug or args.verbose:  # -v kept its documented traceback (README)
             raise
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"semclust {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+        print(f"semclust {args.command}: error: {known[1]}", file=sys.stderr)
+        return known[0]
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ Every field declares its constraint (a set of choices, or a numeric range) with
 `option(...)`. A section checks all its fields when built (from Python or from the JSON
 `Config.from_dict` reads) and each field again when assigned, so a typo such as
 ``Stage1Config(balance="dynamc")`` or ``cfg.neighbours.method = "hnsw"`` raises at once,
-naming the field and what it accepts, instead of training something else. Sections stay
-mutable (``cfg.stage1.epochs = 5`` is checked like the constructor);
-`dataclasses.replace` gives a checked copy.
+naming the field as a config file does ("stage1.balance") and what it accepts, instead
+of training something else: ValueError, or TypeError for a value of the wrong type
+(``"ten"`` epochs, ``1`` for True). Sections stay mutable (``cfg.stage1.epochs = 5`` is
+checked like the constructor); `dataclasses.replace` gives a checked copy.
 """
 
 from __future__ import annotations
@@ -29,8 +30,16 @@ def option(default: Any, *, choices: Optional[tuple] = None, low: Optional[float
                                             "kind": type(default)})
 
 
-def _check(section: str, name: str, meta: dict, value: Any) -> None:
-    where = f"{section}.{name}"
+def _finite(value: numbers.Real) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float (JSON allows any length)
+        return False
+
+
+def _check(where: str, meta: dict, value: Any) -> None:
+    """Raise naming the option `where` ("stage1.epochs"): TypeError for a value of the
+    wrong type, ValueError for one outside its choices or range."""
     choices = meta.get("choices")
     if choices is not None:
         if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
@@ -39,11 +48,13 @@ def _check(section: str, name: str, meta: dict, value: Any) -> None:
     kind = meta["kind"]
     if kind is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{where} must be True or False, got {value!r}")
+            raise TypeError(f"{where} must be True or False, got {value!r}")
         return
     ok = isinstance(value, numbers.Integral) if kind is int else isinstance(value, numbers.Real)
-    if not ok or isinstance(value, bool) or (kind is float and not math.isfinite(value)):
-        raise ValueError(f"{where} must be {'an int' if kind is int else 'a finite number'}, got {value!r}")
+    if not ok or isinstance(value, bool):
+        raise TypeError(f"{where} must be {'an int' if kind is int else 'a number'}, got {value!r}")
+    if kind is float and not _finite(value):
+        raise ValueError(f"{where} must be a finite number, got {value!r}")
     low, high = meta.get("low"), meta.get("high")
     if low is not None and (value <= low if meta.get("low_open") else value < low):
         raise ValueError(f"{where} must be {'>' if meta.get('low_open') else '>='} {low}, got {value!r}")
@@ -60,7 +71,7 @@ class _Section:
             raise AttributeError(f"{type(self).__name__} has no option {name!r}; "
                                  f"options: {sorted(self.__dataclass_fields__)}")  # type: ignore[attr-defined]
         if spec.metadata:
-            _check(type(self).__name__, name, spec.metadata, value)
+            _check(_where(type(self), name), spec.metadata, value)
         object.__setattr__(self, name, value)
 
 
@@ -156,11 +167,23 @@ class Stage2Config(_Section):
 
 _SECTIONS = {"chunks": ChunkConfig, "semantic": SemanticSpaceConfig, "counterparts": CounterpartConfig,
              "neighbours": NeighbourConfig, "stage1": Stage1Config, "stage2": Stage2Config}
+_SECTION_NAMES = {kind: name for name, kind in _SECTIONS.items()}
+
+
+def _where(kind: type, name: str) -> str:
+    # the dotted name a JSON config uses, so one message fits Python and config files
+    return f"{_SECTION_NAMES[kind]}.{name}"
+
+
+def _keys(keys: Any) -> list:
+    # JSON keys are strings but a Python dict may mix types, which sorted() alone refuses
+    return sorted(keys, key=repr)
 
 
 @dataclass
 class Config:
-    """All phases together; `Config.from_dict` accepts the nested dict `to_dict` writes."""
+    """All phases together; `Config.from_dict` accepts the nested dict `to_dict` writes.
+    Each section is type-checked when built and when assigned (``cfg.stage1 = ...``)."""
 
     chunks: ChunkConfig = field(default_factory=ChunkConfig)
     semantic: SemanticSpaceConfig = field(default_factory=SemanticSpaceConfig)
@@ -169,10 +192,13 @@ class Config:
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
 
-    def __post_init__(self) -> None:
-        for name, kind in _SECTIONS.items():
-            if not isinstance(getattr(self, name), kind):
-                raise TypeError(f"Config.{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
+    def __setattr__(self, name: str, value: Any) -> None:
+        kind = _SECTIONS.get(name)
+        if kind is None:
+            raise AttributeError(f"Config has no section {name!r}; sections: {list(_SECTIONS)}")
+        if not isinstance(value, kind):
+            raise TypeError(f"Config.{name} must be a {kind.__name__}, got {type(value).__name__}")
+        object.__setattr__(self, name, value)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -186,23 +212,24 @@ class Config:
                    counterparts=CounterpartConfig(tau=0.005, per_image=0), stage1=Stage1Config(objective="tac"))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Config":
-        """Build from a nested dict (e.g. JSON); unknown sections, unknown keys and bad
-        values raise ValueError naming them."""
+    def from_dict(cls, d: Any) -> "Config":
+        """Build from a nested dict (e.g. JSON). A non-dict config or section raises
+        TypeError; unknown sections or keys and bad values raise naming them
+        ("stage1.epochs"): ValueError, or TypeError for a value of the wrong type."""
         if not isinstance(d, dict):
-            raise ValueError(f"a config must be a dict of sections, got {type(d).__name__}")
+            raise TypeError(f"a config must be a dict of sections (a JSON object), got {type(d).__name__}")
         unknown = set(d) - set(_SECTIONS)
         if unknown:
-            raise ValueError(f"unknown config sections {sorted(unknown)}; sections: {list(_SECTIONS)}")
+            raise ValueError(f"unknown config sections {_keys(unknown)}; sections: {list(_SECTIONS)}")
         parts = {}
         for name, kind in _SECTIONS.items():
             given = d.get(name, {})
             if not isinstance(given, dict):
-                raise ValueError(f"config section {name!r} must be a dict, got {type(given).__name__}")
+                raise TypeError(f"config section {name!r} must be a dict (a JSON object), got {type(given).__name__}")
             known = {f.name for f in fields(kind)}
             bad = set(given) - known
             if bad:
-                raise ValueError(f"config section {name!r} has unknown keys {sorted(bad)}; keys: {sorted(known)}")
+                raise ValueError(f"config section {name!r} has unknown keys {_keys(bad)}; keys: {sorted(known)}")
             parts[name] = kind(**given)
         return cls(**parts)
 
@@ -212,7 +239,7 @@ def _defaults_are_valid() -> None:
     for kind in _SECTIONS.values():
         for f in fields(kind):
             if f.metadata and f.default is not MISSING:
-                _check(kind.__name__, f.name, f.metadata, f.default)
+                _check(_where(kind, f.name), f.metadata, f.default)
 
 
 _defaults_are_valid()

@@ -17,16 +17,21 @@ owned here, the way `inputs.store` owns `semclust-embeddings/1`:
                            labels, confidences
 
 Both files are written atomically, the JSON last and carrying the weights' sha256, so a
-reader never pairs a config with other weights.
+reader never pairs a config with other weights. `read` trusts nothing in the directory:
+`semclust.json` is checked against `SCHEMA` (`check_meta`), both files must lie inside
+the directory (no symlink out), the weights are safetensors (no pickle runs) and must
+agree with the JSON (`mode`, `dim`, `params.n_clusters`); each failure is one ValueError
+line "invalid model file <path>: ...".
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -107,6 +112,73 @@ class EncoderModel(Stage1Model):
 
 
 FittedModel = Union[Stage1Model, AdapterModel, EncoderModel]
+KINDS = (Stage1Model.kind, AdapterModel.kind, EncoderModel.kind)
+# mode -> the prefixes of the tensors its model needs; "encoder" also holds "encoder.*",
+# the encoder parameters stage 2 tuned (possibly none)
+_NEEDS = {Stage1Model.kind: ("heads.",), AdapterModel.kind: ("heads.", "head2.", "adapter."),
+          EncoderModel.kind: ("heads.", "head2.")}
+_MAY_HOLD = {EncoderModel.kind: ("encoder.",)}
+_PER_ROW = ("noun_bank", "cluster_centers", "labels", "confidences")
+_ABSENT = object()
+
+
+def _int(low: int) -> Callable[[Any], bool]:
+    return lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+def _optional_str(x: Any) -> bool:
+    return x is None or isinstance(x, str)
+
+
+# Every field of semclust.json that `build` and `SemanticClusterer.load` read: dotted name
+# -> (check, what it must be). Checked in order (a section before its fields); fields not
+# listed are ignored. Optional ones accept `_ABSENT`.
+SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "weights_sha256": (lambda x: isinstance(x, str) and re.fullmatch("[0-9a-f]{64}", x) is not None,
+                       "a sha256 hex digest (64 lowercase hex digits)"),
+    "mode": (lambda x: isinstance(x, str) and x in KINDS, f"one of {list(KINDS)}"),
+    "dim": (_int(1), "an int >= 1"),
+    "params": (lambda x: isinstance(x, dict), "an object"),
+    "params.n_clusters": (_int(2), "an int >= 2"),
+    "params.stage": (lambda x: _int(1)(x) and x <= 2, "1 or 2"),
+    "params.seed": (_int(0), "an int >= 0"),
+    "params.clip": (_optional_str, "a string or null"),
+    "params.pretrained": (_optional_str, "a string or null"),
+    "params.custom_encoder": (_optional_str, "a string or null"),
+    "params.checkpoint_sha256": (lambda x: x is _ABSENT or _optional_str(x), "a string or null"),
+    "config": (lambda x: isinstance(x, dict), "an object (the sections of semclust.config.Config)"),
+    "history": (lambda x: x is _ABSENT or isinstance(x, dict), "an object"),
+}
+
+
+def _invalid(where: Union[str, Path], what: str) -> ValueError:
+    return ValueError(f"invalid model file {where}: {what}")
+
+
+def _first_line(e: BaseException) -> str:
+    return next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_meta(meta: Any, where: Union[str, Path]) -> None:
+    """Check the parsed semclust.json `meta` against `SCHEMA` (and its format); ValueError
+    "invalid model file <where>: field <name> ..." for the first field that fails."""
+    if not isinstance(meta, dict):
+        raise _invalid(where, f"it must hold a JSON object, not {type(meta).__name__}")
+    if meta.get("format") != MODEL_FORMAT:
+        found = meta.get("format", _ABSENT)
+        raise _invalid(where, f"field format is {'missing' if found is _ABSENT else _short(found)}, "
+                              f"so it is not a {MODEL_FORMAT} file")
+    for name, (ok, what) in SCHEMA.items():
+        parent, _, key = name.rpartition(".")
+        value = (meta[parent] if parent else meta).get(key, _ABSENT)
+        if not ok(value):
+            state = "is missing" if value is _ABSENT else f"is {_short(value)}"
+            raise _invalid(where, f"field {name} {state}; it must be {what}")
 
 
 def save(path: Union[str, Path], model: FittedModel, *, params: dict[str, Any], dim: int, history: dict,
@@ -134,58 +206,103 @@ class Loaded:
     meta: dict[str, Any]
     config: Config
     tensors: dict[str, Tensor]
+    path: Path  # the semclust.json the errors name
+
+
+def _inside(root: Path, name: str) -> Path:
+    # a model directory may be someone else's: a symlinked file must not lead the reader
+    # (and its error messages) to a file elsewhere on this machine
+    path = root / name
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise _invalid(path, f"{name} points outside the model directory {root}")
+    return path
+
+
+def _check_weights(t: dict[str, Tensor], meta: dict[str, Any], where: Path) -> None:
+    """The tensors agree with the JSON: the groups its mode needs (and no others), per-row
+    results of [n_clusters, dim] / [N] shapes."""
+    mode, dim, k = meta["mode"], meta["dim"], meta["params"]["n_clusters"]
+    missing = [n for n in _PER_ROW if n not in t] + [f"{p}*" for p in _NEEDS[mode] if not _prefixed(t, p)]
+    if missing:
+        raise _invalid(where, f"field mode {mode!r} needs tensors {missing} that the weights lack")
+    allowed = _NEEDS[mode] + _MAY_HOLD.get(mode, ())
+    stray = sorted({n.split(".")[0] + ".*" for n in t if n not in _PER_ROW and not n.startswith(allowed)})
+    if stray:
+        raise _invalid(where, f"field mode {mode!r} does not match the weights, which also hold {stray}")
+    centers, nouns, labels, conf = t["cluster_centers"], t["noun_bank"], t["labels"], t["confidences"]
+    if centers.dim() != 2 or centers.shape[0] != k:
+        raise _invalid(where, f"field params.n_clusters is {k} but the weights hold {tuple(centers.shape)} cluster centres")
+    if centers.shape[1] != dim or nouns.dim() != 2 or nouns.shape[1] != dim:
+        raise _invalid(where, f"field dim is {dim} but the weights hold centres {tuple(centers.shape)} "
+                              f"and nouns {tuple(nouns.shape)}")
+    if labels.dim() != 1 or conf.shape != labels.shape:
+        raise _invalid(where, f"labels {tuple(labels.shape)} and confidences {tuple(conf.shape)} must be [N] each")
 
 
 def read(path: Union[str, Path]) -> Loaded:
-    """The checked contents of a model directory (format, checksum, readable weights)."""
+    """The checked contents of a model directory (see the module doc); ValueError, one
+    line, for anything that is not a whole, consistent model written by `save`."""
     root = Path(path)
     cfile, wfile = root / CONFIG_FILE, root / WEIGHTS_FILE
     if not cfile.is_file() or not wfile.is_file():
         raise ValueError(f"{root} is not a semclust model directory (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    cfile, wfile = _inside(root, CONFIG_FILE), _inside(root, WEIGHTS_FILE)
     try:
         meta = json.loads(cfile.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfile} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{cfile} is not a {MODEL_FORMAT} file (format={meta.get('format') if isinstance(meta, dict) else None!r})")
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, an over-long int
+        raise _invalid(cfile, f"not valid JSON ({type(e).__name__}: {_first_line(e)})") from None
+    check_meta(meta, cfile)
     if sha256_file(wfile) != meta["weights_sha256"]:
-        raise ValueError(f"{wfile} does not match its {CONFIG_FILE} (checksum mismatch): the model directory is corrupt or mixed")
+        raise _invalid(wfile, f"it does not match field weights_sha256 of its {CONFIG_FILE} (checksum mismatch): "
+                              "the model directory is corrupt or mixed")
     try:
         t = load_file(wfile)
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{wfile} is not a readable safetensors file: {e}") from None
-    return Loaded(meta, Config.from_dict(meta["config"]), t)
+        raise _invalid(wfile, f"not a readable safetensors file ({_first_line(e)})") from None
+    _check_weights(t, meta, cfile)
+    try:
+        config = Config.from_dict(meta["config"])
+    except (ValueError, TypeError) as e:
+        raise _invalid(cfile, f"field config: {e}") from None
+    return Loaded(meta, config, t, cfile)
 
 
 def _prefixed(t: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
 
 
-def _module(m: nn.Module, state: dict[str, Tensor], device: torch.device) -> nn.Module:
-    m.load_state_dict(state)
+def _load_state(m: nn.Module, state: dict[str, Tensor], prefix: str, where: Path, strict: bool = True) -> Any:
+    try:
+        return m.load_state_dict(state, strict=strict)
+    except RuntimeError as e:  # torch's message is a header then one line per tensor: keep the first tensor's
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        raise _invalid(where, f"the {prefix}* weights do not fit the model that fields dim, params.n_clusters and "
+                              f"config describe ({lines[min(1, len(lines) - 1)]})") from None
+
+
+def _module(m: nn.Module, t: dict[str, Tensor], prefix: str, where: Path, device: torch.device) -> nn.Module:
+    _load_state(m, _prefixed(t, prefix), prefix, where)
     return m.to(device).eval()
 
 
 def build(loaded: Loaded, device: torch.device, encoder: Optional[Any] = None) -> FittedModel:
     """The fitted model of a `read` directory on `device`. An "encoder" model needs the
     pristine `encoder` (same architecture) its tuned weights are loaded into (a copy)."""
-    meta, cfg, t = loaded.meta, loaded.config, loaded.tensors
+    meta, cfg, t, where = loaded.meta, loaded.config, loaded.tensors, loaded.path
     dim, k = meta["dim"], meta["params"]["n_clusters"]
-    heads = _module(Heads(dim, k, cfg.stage1.hidden), _prefixed(t, "heads."), device)
+    heads = _module(Heads(dim, k, cfg.stage1.hidden), t, "heads.", where, device)
     common = dict(heads=heads, noun_bank=t["noun_bank"].to(device), config=cfg)
     kind = meta["mode"]
     if kind == Stage1Model.kind:
         return Stage1Model(**common)
-    head = _module(ClusterHead(dim, k, cfg.stage1.hidden), _prefixed(t, "head2."), device)
+    head = _module(ClusterHead(dim, k, cfg.stage1.hidden), t, "head2.", where, device)
     if kind == AdapterModel.kind:
-        adapter = _module(FeatureAdapter(dim, cfg.stage2), _prefixed(t, "adapter."), device)
+        adapter = _module(FeatureAdapter(dim, cfg.stage2), t, "adapter.", where, device)
         return AdapterModel(**common, head=head, adapter=adapter)
-    if kind != EncoderModel.kind:
-        raise ValueError(f"unknown model kind {kind!r} in {CONFIG_FILE}")
     tuned_encoder = copy.deepcopy(encoder)
     module = getattr(tuned_encoder, "model", tuned_encoder)
     tuned = _prefixed(t, "encoder.")
-    missing = module.load_state_dict(tuned, strict=False)
+    missing = _load_state(module, tuned, "encoder.", where, strict=False)
     if missing.unexpected_keys:
         raise ValueError(f"the saved encoder weights do not fit {type(tuned_encoder).__name__}: {missing.unexpected_keys[:3]}")
     return EncoderModel(**common, head=head, encoder=tuned_encoder, tuned_keys=list(tuned))
