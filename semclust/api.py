@@ -26,7 +26,7 @@ from torch import Tensor
 from . import model as fitted
 from . import ops, pipeline
 from .config import Config
-from .inputs.classify import InputLike, as_inputs
+from .inputs.classify import InputLike, Inputs, as_inputs
 from .runtime.distributed import is_distributed
 from .runtime.mmap import as_tensor, release
 
@@ -35,6 +35,11 @@ CONFIG_FILE, WEIGHTS_FILE = fitted.CONFIG_FILE, fitted.WEIGHTS_FILE
 
 class ClusterCollapseWarning(UserWarning):
     """A fit left some of the `n_clusters` clusters without a member."""
+
+
+class InvalidParameterError(ValueError, TypeError):
+    """A constructor parameter of the wrong type or out of range. Both a ValueError and a
+    TypeError (as in scikit-learn), so callers catching either see it."""
 
 
 def _is_int(x: Any) -> bool:
@@ -50,13 +55,29 @@ _PARAMETER_CONSTRAINTS: dict[str, tuple[Any, str]] = {
     "pretrained": (lambda x: x is None or isinstance(x, (str, os.PathLike)), "a tag, a checkpoint path or None"),
     "nouns": (lambda x: x is not None, "'default', 'wordnet', a file, a list of words or embeddings [W, D]"),
     "stage": (lambda x: _is_int(x) and x in (1, 2), "1 or 2"),
-    "config": (lambda x: x is None or isinstance(x, Config), "a semclust.config.Config or None"),
+    "config": (lambda x: x is None or isinstance(x, (Config, dict)),
+               "a semclust.config.Config, a dict of its sections (Config.from_dict) or None"),
     "device": (lambda x: x is None or isinstance(x, (str, torch.device)), "a device name or None"),
     "seed": (lambda x: _is_int(x) and x >= 0, "an int >= 0"),
     "progress": (lambda x: isinstance(x, bool), "True or False"),
     "checkpoint_dir": (lambda x: x is None or isinstance(x, (str, os.PathLike)), "a directory or None"),
     "resume": (lambda x: isinstance(x, bool), "True or False"),
 }
+
+
+def _check_param(name: str, value: Any) -> None:
+    ok, what = _PARAMETER_CONSTRAINTS[name]
+    if not ok(value):
+        raise InvalidParameterError(f"{name} must be {what}, got {value!r}")
+
+
+def _config(value: Union[Config, dict[str, Any], None]) -> Config:
+    """The `config` parameter as a Config; a dict is read by `Config.from_dict`, which
+    raises ValueError naming an unknown section or key."""
+    _check_param("config", value)
+    if isinstance(value, dict):
+        return Config.from_dict(value)
+    return Config() if value is None else value
 
 
 class SemanticClusterer:
@@ -66,7 +87,8 @@ class SemanticClusterer:
     cross-modal semantic consistency; stage 2 (``stage=2``) fine-tunes the encoder's last
     blocks (images) or a residual adapter (embeddings only) on confident pseudo-labels.
 
-    Parameters are stored verbatim; `fit` does the work. Learned attributes:
+    Parameters are stored verbatim and checked by `fit` (`InvalidParameterError`, both a
+    ValueError and a TypeError), a `config` also when given; `fit` does the work. Learned attributes:
     ``labels_`` [N] (-1 for unreadable images), ``confidences_`` [N],
     ``cluster_centers_`` [K, D], ``history_`` (per-phase metrics and timings),
     ``stage1_labels_`` [N], ``skipped_`` (unreadable inputs), ``mode_`` and ``model_``
@@ -82,7 +104,8 @@ class SemanticClusterer:
         nouns: noun vocabulary: "default", "wordnet", a text file, a list of words, or
             noun embeddings [W, D]; `fit(..., nouns=...)` overrides it.
         stage: 1 (heads only) or 2 (plus self-enhancement).
-        config: a `semclust.config.Config` (defaults from DESIGN.md).
+        config: a `semclust.config.Config` (defaults from DESIGN.md), or the nested dict
+            `Config.from_dict` reads (checked here: an unknown section or key raises).
         device: "cpu", "cuda", ... (default: cuda when available).
         checkpoint_dir: the fit's working directory: per-row intermediates (memory-mapped
             .npy: text counterparts, kNN lists, consolidated store rows) and the stage-1 /
@@ -99,7 +122,7 @@ class SemanticClusterer:
         pretrained: Optional[str] = "openai",
         nouns: Any = "default",
         stage: int = 2,
-        config: Optional[Config] = None,
+        config: Optional[Union[Config, dict[str, Any]]] = None,
         device: Optional[str] = None,
         seed: int = 0,
         progress: bool = False,
@@ -117,6 +140,9 @@ class SemanticClusterer:
         self.progress = progress
         self.checkpoint_dir = checkpoint_dir
         self.resume = resume
+        # the one parameter checked here: a typo in a config key fails where it is written,
+        # naming the key, instead of at the next fit
+        _config(config)
 
     # ---- parameters (scikit-learn conventions) -----------------------------------------
 
@@ -142,11 +168,11 @@ class SemanticClusterer:
                  if k == "n_clusters" or not (v is defaults[k] or isinstance(v, plain) and v == defaults[k])}
         return f"SemanticClusterer({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
-    def _check_params(self) -> None:
-        for name, (ok, what) in _PARAMETER_CONSTRAINTS.items():
-            value = getattr(self, name)
-            if not ok(value):
-                raise ValueError(f"{name} must be {what}, got {value!r}")
+    def _check_params(self) -> Config:
+        """Check every parameter; returns the config to fit with."""
+        for name in _PARAMETER_CONSTRAINTS:
+            _check_param(name, getattr(self, name))
+        return _config(self.config)
 
     def _device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -170,17 +196,16 @@ class SemanticClusterer:
         temporary directory beside the store), so peak memory follows `config.chunks`,
         not N; with `resume=True` finished phases are reused.
         """
-        self._check_params()
+        cfg = self._check_params()
         inputs = as_inputs(X)
         if is_distributed() and inputs.source is not None:
             raise ValueError("a distributed fit reads embeddings: run `semclust embed` first and fit the store")
         if inputs.store is not None and self.checkpoint_dir is None:
             with tempfile.TemporaryDirectory(prefix=".semclust-fit-", dir=inputs.store.path.parent) as tmp:
-                return self._fit(inputs, nouns, Path(tmp))
-        return self._fit(inputs, nouns, None if self.checkpoint_dir is None else Path(self.checkpoint_dir))
+                return self._fit(inputs, cfg, nouns, Path(tmp))
+        return self._fit(inputs, cfg, nouns, None if self.checkpoint_dir is None else Path(self.checkpoint_dir))
 
-    def _fit(self, inputs: Any, nouns: Any, work_dir: Optional[Path]) -> "SemanticClusterer":
-        cfg = self.config or Config()
+    def _fit(self, inputs: Inputs, cfg: Config, nouns: Any, work_dir: Optional[Path]) -> "SemanticClusterer":
         k = int(self.n_clusters)
         r = pipeline.fit(inputs, k=k, stage=self.stage, cfg=cfg, seed=self.seed, device=self._device(),
                          encoder=self._encoder, nouns=self.nouns if nouns is None else nouns, work_dir=work_dir,
@@ -248,7 +273,7 @@ class SemanticClusterer:
         device = self._device()
         for u in blocks:
             for s in range(0, u.shape[0], step):
-                uc = torch.nn.functional.normalize(u[s : s + step].to(device).float(), dim=1)
+                uc = ops.normalize_rows(u[s : s + step].to(device), dtype=torch.float32)
                 release(u)
                 yield self.model_.proba(uc)
 

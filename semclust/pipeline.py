@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import numpy as np
 import torch
@@ -102,26 +102,49 @@ def encode(inputs: Inputs, encoder: Callable[[], Any], k: int, cfg: Config, devi
     if k > kept.numel():
         raise ValueError(f"n_clusters={k} is larger than the number of samples ({kept.numel()})")
     if u is not None:
-        # fp16 rows stay fp16 (half the memory; every op reads them chunk by chunk) and,
-        # when already unit-norm (a store's rows), exactly as given
-        if u.dtype != torch.float16 or not ops.validate.unit_rows(u, cfg.chunks.assign):
-            u = torch.nn.functional.normalize(u if u.dtype == torch.float16 else u.float(), dim=1)
-        u = u.to(device)
+        u = unit_features(u, cfg.chunks.assign).to(device)
     return Encoded(u, kept, n_total, report)
 
 
+def unit_features(u: Tensor, chunk: int) -> Tensor:
+    """[n, D] features as contiguous unit rows, the same whatever their scale or layout
+    (checked `chunk` rows at a time).
+
+    fp16 rows stay fp16 (half the memory; every op reads them chunk by chunk) and, when
+    already unit-norm (a store's rows), exactly as given, in row-major order; a unit row
+    times 2^16 (its norm overflows fp16) is not unit and is normalised like any other.
+    """
+    if u.dtype == torch.float16:
+        # made row-major first, so that the unit check, like the rows, does not depend on the layout
+        u = u.contiguous()
+        return u if ops.validate.unit_rows(u, chunk) else ops.normalize_rows(u)
+    return ops.normalize_rows(u, dtype=torch.float32)
+
+
+def resolve_nouns(nouns: Any) -> Union[np.ndarray, Tensor, list[str]]:
+    """A noun matrix [W, D] as given, or the words of a vocabulary spec ("default",
+    "wordnet", a file, a list): read before any image is encoded, so that a missing or
+    empty noun file fails before the CLIP model is loaded."""
+    if isinstance(nouns, (np.ndarray, Tensor)):
+        return nouns
+    from .clip.vocab import load_nouns
+
+    return load_nouns(nouns)
+
+
 def noun_bank(nouns: Any, dim: int, encoder: Callable[[], Any], progress: bool) -> Tensor:
-    """[W, D] unit noun embeddings: given as a matrix, or words embedded by the CLIP text tower."""
+    """[W, D] unit noun embeddings: given as a matrix, or words (`resolve_nouns`) embedded
+    by the CLIP text tower."""
     if isinstance(nouns, (np.ndarray, Tensor)):
         t = torch.as_tensor(nouns).float()
         ops.validate.matrix("nouns", t, cols=dim)
-        return torch.nn.functional.normalize(t, dim=1)
+        return ops.normalize_rows(t)
     enc = encoder()
     if not isinstance(enc, TextEncoder):
         raise TypeError("word nouns need a CLIP text tower: pass noun embeddings [W, D] with a custom encoder")
-    from .clip.vocab import embed_nouns, load_nouns
+    from .clip.vocab import embed_nouns
 
-    t = embed_nouns(enc, load_nouns(nouns), progress=progress)
+    t = embed_nouns(enc, nouns, progress=progress)
     if t.shape[1] != dim:
         raise ValueError(f"noun embeddings have dim {t.shape[1]} but image features have {dim}")
     return t
@@ -183,6 +206,7 @@ def fit(inputs: Inputs, *, k: int, stage: int, cfg: Config, seed: int, device: t
     """Every phase of a fit, in order (see the module doc). `encoder()` gives the CLIP
     encoder (loaded on first call), needed for images and for word nouns."""
     phases = Phases()
+    nouns = resolve_nouns(nouns)
     with phases("encode"):
         enc = encode(inputs, encoder, k, cfg, device, progress)
     u = enc.u

@@ -484,7 +484,6 @@ def test_clone_get_params_and_set_params():
     (dict(n_clusters=True), "n_clusters"),
     (dict(stage=3), "stage must be 1 or 2"),
     (dict(seed=-1), "seed must be"),
-    (dict(config={"stage1": {}}), "config must be a semclust.config.Config"),
     (dict(resume="yes"), "resume must be True or False"),
 ])
 def test_bad_parameters_raise_before_any_work(params, message, monkeypatch):

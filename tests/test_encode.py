@@ -155,7 +155,7 @@ def test_embed_to_store_resumes_after_a_crash(tiny_clip, png_folder, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         tiny_clip.embed_to_store(source, out, batch_size=3, progress=False, shard_rows=4)
     monkeypatch.setattr(StoreWriter, "_flush", real_flush)
-    assert len(open_store(out)) == 4
+    assert len(open_store(out, allow_incomplete=True)) == 4
 
     real_iter = ClipEncoder.iter_encode_images
 

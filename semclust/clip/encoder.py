@@ -26,8 +26,8 @@ from torchvision import transforms as T
 from tqdm.auto import tqdm
 
 from ..config import ChunkConfig
-from ..inputs.sources import ImageSource, SkipReport, iter_batches
-from ..inputs.store import DEFAULT_SHARD_ROWS, EmbeddingStore, StoreWriter, check_same_model, is_store, open_store
+from ..inputs.sources import ImageSource, SkipReport, check_batching, iter_batches
+from ..inputs.store import DEFAULT_SHARD_ROWS, MANIFEST, EmbeddingStore, StoreWriter, check_same_model, open_store
 from ..runtime.files import sha256_file
 
 log = logging.getLogger(__name__)
@@ -260,24 +260,39 @@ class ClipEncoder:
         The store holds only readable images (items = their ids); its manifest records how
         many source items were consumed, so a resumed run restarts after the last stored
         row. `skipped` covers this run only. A store of another model raises ValueError.
+        The options are checked, and a new store is created only at the first readable
+        image: bad options or a source with no readable image raise ValueError and leave
+        nothing on disk.
         """
+        check_batching(batch_size, num_workers)
         out_dir = Path(out_dir)
-        if is_store(out_dir):
+        writer = None
+        if (out_dir / MANIFEST).exists():
             meta = check_same_model(out_dir, self.name, self.pretrained, self.checkpoint_sha256, self.dim)
             if meta["complete"]:
                 log.info("the store at %s is already complete (%d rows)", out_dir, meta["count"])
                 return StoredEncoding(open_store(out_dir, verify=False), SkipReport())
-        writer = StoreWriter(out_dir, self.name, self.pretrained, self.checkpoint_sha256, self.dim, shard_rows)
-        self._check_resume(writer, source)
+            writer = self._open_writer(out_dir, shard_rows)
+            self._check_resume(writer, source)
         report = SkipReport()
         for batch in self.iter_encode_images(source, batch_size, num_workers, progress,
-                                             start=writer.source_consumed):
-            writer.append(batch.embeddings, [source.items[i] for i in batch.kept.tolist()], batch.kept)
+                                             start=0 if writer is None else writer.source_consumed):
             report.update(source.items, batch.kept, batch.skipped)
+            if not len(batch.kept):
+                continue
+            if writer is None:  # created at the first readable image: see the doc
+                writer = self._open_writer(out_dir, shard_rows)
+            writer.append(batch.embeddings, [source.items[i] for i in batch.kept.tolist()], batch.kept)
+        if writer is None or writer.count == 0:
+            where = getattr(source, "root", None) or f"the {len(source)} items given"
+            raise ValueError(f"no readable images in {where}: {report}")
         writer.close(source_consumed=len(source))
         if report.count:
             log.warning("skipped %d unreadable images: %s", report.count, report)
         return StoredEncoding(open_store(out_dir, verify=False), report)
+
+    def _open_writer(self, out_dir: Path, shard_rows: int) -> StoreWriter:
+        return StoreWriter(out_dir, self.name, self.pretrained, self.checkpoint_sha256, self.dim, shard_rows)
 
     @staticmethod
     def _check_resume(writer: StoreWriter, source: ImageSource) -> None:
@@ -285,7 +300,7 @@ class ClipEncoder:
             return
         # the last stored row came from source item source_consumed - 1 (see StoreWriter)
         consumed = writer.source_consumed
-        last = open_store(writer.path, verify=False).items[-1]
+        last = open_store(writer.path, verify=False, allow_incomplete=True).items[-1]
         if consumed > len(source) or source.items[consumed - 1] != last:
             raise ValueError(f"the incomplete store at {writer.path} was written from another source "
                              f"(its row {writer.done_rows - 1} is {last!r}); use another output directory")

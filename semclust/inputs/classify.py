@@ -13,10 +13,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .embeddings import load_embeddings
-from .sources import DatasetSource, ImageSource, list_images
+from .sources import IMAGE_EXTENSIONS, DatasetSource, ImageSource, list_images
 from .store import EmbeddingStore, is_store, open_store
 
-InputLike = Union[Tensor, np.ndarray, str, os.PathLike, Sequence[Union[str, os.PathLike]], Dataset]
 EMBEDDING_SUFFIXES = (".npy", ".pt", ".pth", ".safetensors")
 
 
@@ -27,13 +26,23 @@ class Inputs:
     store: Optional[EmbeddingStore] = None  # an embedding store, read memory-mapped in chunks
 
 
+# what fit / predict accept; an `Inputs` is what `as_inputs` already made of one of the others
+InputLike = Union[Tensor, np.ndarray, str, os.PathLike, Sequence[Union[str, os.PathLike]], Dataset, Inputs]
+
+
 def _features(t: Tensor) -> Tensor:
     # fp16 features stay fp16 (a store's precision, half the memory); others become float32
     return t if t.dtype == torch.float16 else t.float()
 
 
 def as_inputs(x: InputLike) -> Inputs:
-    """Classify what the user passed: features, a store, an embedding file, or images."""
+    """Classify what the user passed: features, a store, an embedding file, or images.
+
+    Loads no model and decodes no image, so a bad input fails before any work; an `Inputs`
+    is returned as it is, so a caller that checked early (the CLI) can pass the result on.
+    """
+    if isinstance(x, Inputs):
+        return x
     if isinstance(x, np.ndarray):
         if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
             raise ValueError(f"an array input must be float [N, D] embeddings, got {x.dtype} {x.shape}")
@@ -48,9 +57,15 @@ def as_inputs(x: InputLike) -> Inputs:
             raise FileNotFoundError(f"input {str(p)!r} does not exist")
         if p.is_dir() and is_store(p):
             return Inputs(None, None, open_store(p))
-        if p.is_file() and p.suffix.lower() in EMBEDDING_SUFFIXES:
+        if p.is_dir():
+            return Inputs(None, ImageSource.from_folder(p))
+        if p.suffix.lower() in EMBEDDING_SUFFIXES:
             return Inputs(load_embeddings(p), None)
-        return Inputs(None, ImageSource.from_folder(p) if p.is_dir() else ImageSource.from_paths([p]))
+        if p.suffix.lower() in IMAGE_EXTENSIONS:
+            return Inputs(None, ImageSource.from_paths([p]))
+        # said now, not as one unreadable image after the CLIP model has loaded
+        raise ValueError(f"unsupported input file {str(p)!r}: expected embeddings ({', '.join(EMBEDDING_SUFFIXES)}), "
+                         f"an embedding store, an image folder or an image ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     if isinstance(x, Dataset):
         return Inputs(None, x if hasattr(x, "items") else DatasetSource(x))
     if isinstance(x, (list, tuple)) and x and all(isinstance(e, (str, os.PathLike)) for e in x):

@@ -30,6 +30,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from .. import ops
+
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -37,6 +39,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 __all__ = [
     "IMAGE_EXTENSIONS", "list_images", "CorruptImage", "ImageSource", "FileImageSource", "ArrayImageSource",
     "TensorSource", "DatasetSource", "KeptSource", "collate_skip", "SkipReport", "Source", "iter_batches",
+    "check_batching",
 ]
 
 
@@ -69,22 +72,66 @@ def _hidden(name: str) -> bool:
 
 
 def _walk_images(root: Path) -> list[Path]:
-    found = []
-    # followlinks: dataset folders are often symlink farms (e.g. ImageNet subsets)
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not _hidden(d)]
-        found.extend(
-            Path(dirpath, f) for f in filenames if not _hidden(f) and Path(f).suffix.lower() in IMAGE_EXTENSIONS
-        )
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+    # Symlinks are followed (dataset folders are often symlink farms, e.g. ImageNet
+    # subsets), but each real directory is walked once, at its first path in sorted
+    # order: a link back up the tree (`ln -s . loop`) would otherwise repeat every image
+    # per level, and two such links never end. Each real file is then kept once, at its
+    # first path in sorted order.
+    walked: set[tuple[int, int]] = set()
+    found: list[tuple[Path, Optional[tuple[int, int]]]] = []
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        st = folder.stat()
+        if (st.st_dev, st.st_ino) in walked:
+            continue
+        walked.add((st.st_dev, st.st_ino))
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted((e for e in it if not _hidden(e.name)), key=lambda e: e.name)
+        except OSError as err:  # as os.walk did: an unreadable sub-folder does not stop the listing
+            log.warning("cannot list %s: %s", folder, err)
+            continue
+        subfolders = []
+        for e in entries:
+            if e.is_dir():
+                subfolders.append(Path(e.path))
+            elif Path(e.name).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append((Path(e.path), _file_id(e, st.st_dev)))
+        pending.extend(reversed(subfolders))  # popped in sorted order
+    found.sort(key=lambda pf: pf[0].relative_to(root).as_posix())
+    listed: set[tuple[int, int]] = set()
+    paths = []
+    for path, file_id in found:
+        if file_id in listed:  # another path to a file already listed
+            continue
+        paths.append(path)
+        if file_id is not None:
+            listed.add(file_id)
+    return paths
+
+
+def _file_id(entry: os.DirEntry, folder_dev: int) -> Optional[tuple[int, int]]:
+    """(st_dev, st_ino) of the file an entry names; None for a dangling link (listed, and
+    reported as missing when loaded, as before)."""
+    if not entry.is_symlink():
+        # no stat call: scandir already read the inode, and a plain entry lives on its
+        # folder's device
+        return folder_dev, entry.inode()
+    try:
+        st = entry.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def list_images(root_or_paths: PathLike | Iterable[PathLike]) -> list[Path]:
     """Image files of a folder, or an explicit list of files checked to exist.
 
-    A folder is searched recursively (symlinks followed, hidden files and folders
-    skipped) for files whose extension is in `IMAGE_EXTENSIONS` (any case); the result is
-    sorted by relative path so the order, and with it every index, is reproducible.
+    A folder is searched recursively (symlinks followed, each real folder and file once,
+    hidden files and folders skipped) for files whose extension is in `IMAGE_EXTENSIONS`
+    (any case); the result is sorted by relative path so the order, and with it every
+    index, is reproducible.
     A single file gives a one-element list. An explicit list keeps its order and is not
     filtered by extension (a non-image file is reported as skipped when loaded).
 
@@ -120,7 +167,7 @@ def list_images(root_or_paths: PathLike | Iterable[PathLike]) -> list[Path]:
 class CorruptImage(ValueError):
     """An image that cannot be decoded.
 
-    `kind` is one of "missing", "empty", "truncated", "unreadable", "too large";
+    `kind` is one of "missing", "empty", "truncated", "unreadable", "too large", "bad name";
     `reason` ("<kind>: <detail>") is what `ImageSource.__getitem__` hands back and what
     `SkipReport` groups by.
     """
@@ -165,6 +212,24 @@ def _decode_failure(path: Path, err: BaseException) -> CorruptImage:
     return CorruptImage(item, "unreadable", f"{type(err).__name__}: {err}")
 
 
+def _bad_name(item: str) -> Optional[str]:
+    """Why a path cannot be an item id, or None. Ids are written one per UTF-8 line (an
+    embedding store's items, skip reports), so a line break, or bytes that are not UTF-8
+    (which Python decodes to surrogate escapes), would stop an `embed` run at that file."""
+    if "\n" in item or "\r" in item:
+        return "the path contains a line break"
+    try:
+        item.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the path is not valid UTF-8"
+    return None
+
+
+def _shown(item: str) -> str:
+    # a bad name is shown escaped: as is, it would split the message or fail to print
+    return item if _bad_name(item) is None else ascii(item)
+
+
 class ImageSource(Dataset):
     """The uniform image input of the library: N images with optional labels.
 
@@ -172,6 +237,7 @@ class ImageSource(Dataset):
 
     Attributes:
         items: [N] str ids: the file path, or "array:<i>" for in-memory images.
+        root: the folder the images were listed from (`from_folder`), else None.
         labels: [N] int64 class ids, or None.
         class_names: names of the class ids (index = id), or None.
         transform: callable PIL.Image (RGB) -> Tensor applied by `__getitem__`; None
@@ -183,6 +249,7 @@ class ImageSource(Dataset):
         self.labels = None if labels is None else _check_labels(labels, len(self.items))
         self.class_names = None if class_names is None else list(class_names)
         self.transform: Callable[[Image.Image], Any] | None = None
+        self.root: Path | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -221,10 +288,13 @@ class ImageSource(Dataset):
             return FileImageSource(paths)
         class_names = sorted(d.name for d in root.iterdir() if d.is_dir() and not _hidden(d.name))
         if not class_names or any(p.parent == root for p in paths):
-            return FileImageSource(paths)
-        index = {name: k for k, name in enumerate(class_names)}
-        labels = np.array([index[p.relative_to(root).parts[0]] for p in paths], dtype=np.int64)
-        return FileImageSource(paths, labels=labels, class_names=class_names)
+            source = FileImageSource(paths)
+        else:
+            index = {name: k for k, name in enumerate(class_names)}
+            labels = np.array([index[p.relative_to(root).parts[0]] for p in paths], dtype=np.int64)
+            source = FileImageSource(paths, labels=labels, class_names=class_names)
+        source.root = root
+        return source
 
     @classmethod
     def from_arrays(
@@ -242,6 +312,11 @@ class FileImageSource(ImageSource):
 
     def load(self, i: int) -> Image.Image:
         path = Path(self.items[i])
+        # skipped like an unreadable image, so that a fit of the folder and a fit of its
+        # embedding store see the same images
+        problem = _bad_name(self.items[i])
+        if problem is not None:
+            raise CorruptImage(_shown(self.items[i]), "bad name", problem)
         try:
             with Image.open(path) as img:
                 # Image.open only parses the header; decoding everything here is what
@@ -343,7 +418,7 @@ class SkipReport:
             return text
         kinds = ", ".join(f"{n} {kind}" for kind, n in self.by_kind().items())
         item, reason = self.skipped[0]
-        return f"{text} ({kinds}): first: {item} ({reason})"
+        return f"{text} ({kinds}): first: {_shown(item)} ({reason})"
 
 
 class TensorSource(torch.utils.data.Dataset):
@@ -404,6 +479,13 @@ class KeptSource(Dataset):
         return x, i, err
 
 
+def check_batching(batch_size: int, workers: int) -> None:
+    """The `iter_batches` options: ValueError (TypeError for a non-int) naming the one
+    out of range. A caller that writes files checks them before creating any."""
+    ops.validate.count("batch_size", batch_size, 1)
+    ops.validate.count("workers", workers, 0)
+
+
 def iter_batches(source: Source, transform: Optional[Callable[[Any], Any]], batch_size: int, *, workers: int = 0,
                  indices: Optional[Sequence[int]] = None, report: Optional[SkipReport] = None,
                  progress: bool = False, desc: str = "batches", pin_memory: bool = False,
@@ -412,8 +494,7 @@ def iter_batches(source: Source, transform: Optional[Callable[[Any], Any]], batc
     (default: all items, in order) in `workers` processes, drops unreadable items and
     yields (batch [B', ...] or None, kept source indices [B'], skipped [(index, reason)])
     per batch; `report`, when given, tallies the skipped items."""
-    if batch_size <= 0 or workers < 0:
-        raise ValueError(f"batch_size must be > 0 and workers >= 0, got {batch_size}, {workers}")
+    check_batching(batch_size, workers)
     source.transform = transform
     # Subset keeps the source's own indices in what __getitem__ returns
     dataset = source if indices is None else Subset(source, indices)
