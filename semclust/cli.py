@@ -1,4 +1,4 @@
-"""The `semclust` command: demo, embed, fit, predict, evaluate, bench.
+"""The `semclust` command: demo, embed, fit, predict, evaluate, report, bench.
 
 Every expected failure ends in one line on stderr, ``semclust <command>: error: ...``,
 and an exit code: 2 for what the user gave (options, paths, config files, model
@@ -321,6 +321,20 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(a: argparse.Namespace) -> int:
+    from .report import write_report
+
+    _must_exist(a.run, "run directory")
+    _must_exist(a.images, "--images")
+    _must_exist(a.labels, "--labels")
+    _parent_must_exist(a.out, "--out")
+    if Path(a.out).is_dir():
+        raise IsADirectoryError(f"--out {a.out!r} is a directory; give the HTML file to write")
+    r = write_report(a.run, a.out, images=a.images, labels=a.labels, per_cluster=a.per_cluster)
+    print(f"report of {r.rows} rows in {r.clusters} clusters ({r.thumbnails} thumbnails) -> {r.path}")
+    return 0
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     try:
         module = importlib.import_module(f"benchmarks.bench_{a.what}")
@@ -419,6 +433,19 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--images", type=_path, help="image folder of the run (for --grid)")
     common(ev)
     ev.set_defaults(fn=cmd_evaluate)
+
+    rp = sub.add_parser("report", help="one self-contained HTML page about a run: clusters, confidences, "
+                                       "thumbnails, metrics against ground truth, settings and phase times")
+    rp.add_argument("run", type=_path, help="run directory written by `semclust fit`")
+    rp.add_argument("--images", type=_path, help="the input the run was fitted on (image folder, or a store of "
+                                                 "image files), for thumbnails")
+    rp.add_argument("--labels", type=_path, help="ground truth (.npy, or .txt/.csv with one int per line): "
+                                                 "ACC / NMI / ARI and a confusion matrix")
+    rp.add_argument("--out", type=_path, required=True, help="the HTML file to write")
+    # report.PER_CLUSTER, written out: importing report here would load scipy and jinja2 for every command
+    rp.add_argument("--per-cluster", type=_int_in(0), default=8,
+                    help="thumbnails per cluster, half most and half least confident (default 8; 2000 in all at most)")
+    rp.set_defaults(fn=cmd_report)
 
     b = sub.add_parser("bench", help="benchmarks against peers: ops, step (fused training step), scale (streaming fit, "
                                      "100k-1M), method (accuracy of each variant)")

@@ -112,6 +112,7 @@ HELP = {
     "embed": ["images", "--out", "--batch-size", "--workers", "--clip", "--pretrained", "--seed"],
     "fit": ["input", "-k", "--out", "--nouns", "--stage", "--epochs", "--config", "--clip", "--pretrained"],
     "predict": ["run", "input", "--out", "--device"],
+    "report": ["run", "--images", "--labels", "--out", "--per-cluster"],
     "evaluate": ["run", "--labels", "--predictions", "--grid", "--images"],
     "bench": ["ops", "step", "scale", "--json"],
 }
