@@ -212,38 +212,41 @@ def fit(inputs: Inputs, *, k: int, stage: int, cfg: Config, seed: int, device: t
     u = enc.u
     with phases("nouns"):
         bank_all = noun_bank(nouns, inputs.store.dim if u is None else u.shape[1], encoder, progress)
-    ws = Workspace(work_dir, run_id(inputs, u, bank_all, k, seed, cfg), fresh=not resume)
-    if u is None:
-        with phases("store"):
-            u = store_rows(inputs.store, ws, cfg, progress).to(device)
-    n, d = u.shape
-    bank_all = bank_all.to(device)
-    with phases("kmeans"):
-        space = semantic_space(u, bank_all, k, cfg, seed, progress)
-        bank = space.bank(bank_all)
-    with phases("counterparts"):
-        v = counterparts.text_counterparts(u, bank, cfg.counterparts, cfg.chunks, ws=ws, progress=progress).to(device)
-    with phases("knn"):
-        lists, recall = neighbour_lists(u, v, ws, cfg, seed, progress)
-    with phases("stage1"):
-        r1 = stage1.train_stage1(u, v, k, lists["knn_image"], lists["knn_text"], cfg.stage1, seed=seed,
-                                 chunks=cfg.chunks, progress=progress, checkpoint=ws.path("stage1.ckpt"), resume=resume)
-    model: FittedModel = Stage1Model(r1.heads, bank, cfg)
-    labels, conf, history2 = r1.labels, r1.conf, []
-    if stage == 2:
-        with phases("stage2"):
-            model, r2 = _stage2(inputs, enc.kept, u, bank, r1, k, cfg, seed, device, encoder, ws, resume, progress,
-                                keep_all_encoder_weights)
-        labels, conf, centers, history2 = r2.labels.to(device), r2.conf.to(device), r2.centers, r2.history
-    else:
-        centers, _ = ops.center_update(u, k, labels=labels.to(u.device))
-    history = {
-        "stage1": r1.history, "stage2": history2, "seconds": phases.seconds, "phases": phases.rows,
-        "kmeans_objective": space.kmeans_objective, "nouns_total": int(bank_all.shape[0]),
-        "nouns_selected": int(bank.shape[0]), "skipped": enc.report.count, "knn_recall": recall,
-    }
-    log.info("fit phases:\n%s", phases.table())
-    return FitResult(model, r1.labels, labels, conf, centers, enc.kept, enc.n_total, d, enc.report, history)
+    # closed when the fit ends or fails: its lock keeps a second run out of work_dir until then
+    with Workspace(work_dir, run_id(inputs, u, bank_all, k, seed, cfg), fresh=not resume) as ws:
+        if u is None:
+            with phases("store"):
+                u = store_rows(inputs.store, ws, cfg, progress).to(device)
+        n, d = u.shape
+        bank_all = bank_all.to(device)
+        with phases("kmeans"):
+            space = semantic_space(u, bank_all, k, cfg, seed, progress)
+            bank = space.bank(bank_all)
+        with phases("counterparts"):
+            v = counterparts.text_counterparts(u, bank, cfg.counterparts, cfg.chunks, ws=ws,
+                                               progress=progress).to(device)
+        with phases("knn"):
+            lists, recall = neighbour_lists(u, v, ws, cfg, seed, progress)
+        with phases("stage1"):
+            r1 = stage1.train_stage1(u, v, k, lists["knn_image"], lists["knn_text"], cfg.stage1, seed=seed,
+                                     chunks=cfg.chunks, progress=progress, checkpoint=ws.path("stage1.ckpt"),
+                                     resume=resume)
+        model: FittedModel = Stage1Model(r1.heads, bank, cfg)
+        labels, conf, history2 = r1.labels, r1.conf, []
+        if stage == 2:
+            with phases("stage2"):
+                model, r2 = _stage2(inputs, enc.kept, u, bank, r1, k, cfg, seed, device, encoder, ws, resume, progress,
+                                    keep_all_encoder_weights)
+            labels, conf, centers, history2 = r2.labels.to(device), r2.conf.to(device), r2.centers, r2.history
+        else:
+            centers, _ = ops.center_update(u, k, labels=labels.to(u.device))
+        history = {
+            "stage1": r1.history, "stage2": history2, "seconds": phases.seconds, "phases": phases.rows,
+            "kmeans_objective": space.kmeans_objective, "nouns_total": int(bank_all.shape[0]),
+            "nouns_selected": int(bank.shape[0]), "skipped": enc.report.count, "knn_recall": recall,
+        }
+        log.info("fit phases:\n%s", phases.table())
+        return FitResult(model, r1.labels, labels, conf, centers, enc.kept, enc.n_total, d, enc.report, history)
 
 
 def _stage2(inputs: Inputs, kept: Tensor, u: Tensor, bank: Tensor, r1: stage1.Stage1Result, k: int, cfg: Config, seed: int,

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from .embeddings import load_embeddings
 from .sources import IMAGE_EXTENSIONS, DatasetSource, ImageSource, list_images
-from .store import EmbeddingStore, is_store, open_store
+from .store import EmbeddingStore, has_manifest, open_store
 
 EMBEDDING_SUFFIXES = (".npy", ".pt", ".pth", ".safetensors")
 
@@ -43,6 +43,10 @@ def as_inputs(x: InputLike) -> Inputs:
     """
     if isinstance(x, Inputs):
         return x
+    if isinstance(x, EmbeddingStore):
+        # opened by the caller, e.g. `open_store(path, allow_incomplete=True)` to fit the
+        # rows an `embed` has written so far
+        return Inputs(None, None, x)
     if isinstance(x, np.ndarray):
         if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
             raise ValueError(f"an array input must be float [N, D] embeddings, got {x.dtype} {x.shape}")
@@ -55,7 +59,9 @@ def as_inputs(x: InputLike) -> Inputs:
         p = Path(x)
         if not p.exists():
             raise FileNotFoundError(f"input {str(p)!r} does not exist")
-        if p.is_dir() and is_store(p):
+        # a manifest makes it a store, a damaged one too: open_store says what is wrong
+        # instead of the folder being listed as images
+        if p.is_dir() and has_manifest(p):
             return Inputs(None, None, open_store(p))
         if p.is_dir():
             return Inputs(None, ImageSource.from_folder(p))

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..ops import normalize_rows
 from ..runtime.files import TMP_PREFIX, atomic_write, npy_header, plain_name, resolves_inside, sha256_file
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def _normalised_fp16(embeddings: torch.Tensor | np.ndarray, dim: int) -> np.ndar
         raise ValueError(f"embeddings must have shape [n, {dim}], got {tuple(x.shape)}")
     if not torch.isfinite(x).all():
         raise ValueError("embeddings contain NaN or Inf; refusing to store them")
-    return torch.nn.functional.normalize(x, dim=1).to(torch.float16).numpy()
+    return normalize_rows(x, torch.float16).numpy()
 
 
 class StoreWriter:

@@ -71,7 +71,7 @@ def _unit_rows(name: str, x: Tensor) -> Tensor:
         raise ValueError(f"{name} must be floating point, got {x.dtype}")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} has non-finite values")
-    return nn.functional.normalize(x.float(), dim=1)
+    return ops.normalize_rows(x, torch.float32)
 
 
 def _check_k(k: int, n: int) -> int:

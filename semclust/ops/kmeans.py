@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from . import validate as V
 from .assign import assign
 from .center_update import center_update
+from .normalize import normalize_rows
 from .reference import KMeansResult, kmeans_pp_init
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ def kmeans(
 
     # rows that are already unit-norm (embedding stores are) are used as they are, even
     # memory-mapped fp16: every pass below reads them in chunks
-    xf = x if V.unit_rows(x, chunk_size) else torch.nn.functional.normalize(x.float(), dim=1)
+    xf = x if V.unit_rows(x, chunk_size) else normalize_rows(x, torch.float32, chunk_size)
 
     def rows(ids: Tensor) -> Tensor:  # the rows with global ids `ids`
         return xf[ids] if reduce is None else reduce.take(xf, ids)
