@@ -131,7 +131,8 @@ class Stage1Config(_Section):
     weight_decay: float = option(0.0, low=0.0)
     cluster_tau: float = option(0.5, low=0.0, low_open=True)  # assignment- and centre-level InfoNCE temperature (TAC)
     # tau_a of the centre target softmax(v c^T / tau_a), in units of the spread of v . c
-    # (`method.losses.similarity_spread`): 2 x 0.05 = 0.1 under a CLIP-like modality gap
+    # times min(1, 10 / K) (`method.losses.center_temperature`): 2 x 0.05 = 0.1 under a
+    # CLIP-like modality gap at K <= 10
     center_tau: float = option(2.0, low=0.0, low_open=True)
     center_momentum: float = option(0.9, low=0.0, high=1.0)  # EMA of the fused image/text centres across batches
     center_target: bool = option(True)  # pull both heads to the fused centres' assignment ("better centre generation")
