@@ -1,7 +1,7 @@
 """Scale: the streaming fit from an embedding store at N = 100k and 1M, and its peers.
 
     python -m benchmarks.bench_scale [--quick] [--n 100000 1000000] [--k 100 1000]
-                                     [--workdir DIR] [--json out.json]
+                                     [--workdir DIR] [--device cpu|cuda] [--json out.json]
     semclust bench scale [--quick]
 
 Data: synthetic unit vectors in D = 512 around 1000 latent centres, written to an
@@ -78,7 +78,7 @@ def noun_bank() -> torch.Tensor:
 
 
 def run_ours(store: Path, k: int, kmeans_iters: int, restarts: int, epochs: int, knn: str, work: Path,
-             reuse: bool = False) -> dict:
+             reuse: bool = False, device: str = "cpu") -> dict:
     from semclust import SemanticClusterer
     from semclust.config import Config
     from semclust.runtime.report import Phases
@@ -88,7 +88,7 @@ def run_ours(store: Path, k: int, kmeans_iters: int, restarts: int, epochs: int,
     cfg.stage1.epochs, cfg.neighbours.method = epochs, knn
     if reuse:  # keep the finished counterparts / kNN files, train stage 1 again
         (work / "stage1.ckpt").unlink(missing_ok=True)
-    model = SemanticClusterer(k, clip=None, nouns=noun_bank(), stage=1, config=cfg, device="cpu",
+    model = SemanticClusterer(k, clip=None, nouns=noun_bank(), stage=1, config=cfg, device=device,
                               checkpoint_dir=work, resume=reuse)
     model.fit(str(store))
     phases = Phases()
@@ -152,6 +152,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="stage-1 epochs (default: 40 up to 100k rows, else 2)")
     ap.add_argument("--knn", choices=("exact", "ivf", "auto"), default="auto", help="auto: exact up to 100k rows")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--device", default="cpu", help="where our fit runs (cuda: the GPU; the store stays on disk)")
     ap.add_argument("--reuse-work", action="store_true",
                     help="keep an earlier run's counterparts and kNN files (their phases then take ~0 s) and train again")
     ap.add_argument("--json")
@@ -161,9 +162,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.child:
         kind, store, *rest = a.child
         if kind == "ours":
-            k, iters, restarts, epochs, knn, work, reuse = rest
+            k, iters, restarts, epochs, knn, work, reuse, device = rest
             print(json.dumps(run_ours(Path(store), int(k), int(iters), int(restarts), int(epochs), knn, Path(work),
-                                      reuse == "1")))
+                                      reuse == "1", device)))
         else:
             m, iters, kk, knn = rest
             print(json.dumps(run_faiss(Path(store), int(m), int(iters), int(kk), knn)))
@@ -187,8 +188,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if work.exists() and not a.reuse_work:
                 shutil.rmtree(work)
             ours = _child(["--child", "ours", str(store), str(k), str(iters), str(restarts), str(epochs), knn, str(work),
-                           "1" if a.reuse_work else "0"])
-            row = {"n": n, "k": k, "kmeans_iters": iters, "restarts": restarts, "epochs": epochs, "knn": knn, "ours": ours}
+                           "1" if a.reuse_work else "0", a.device])
+            row = {"n": n, "k": k, "kmeans_iters": iters, "restarts": restarts, "epochs": epochs, "knn": knn,
+                   "device": a.device, "ours": ours}
             if not a.no_peers and k == ks[0]:
                 m = max(k, n // 300)
                 row["faiss"] = _child(["--child", "faiss", str(store), str(m), str(iters), "50", knn])

@@ -1,6 +1,6 @@
 """The fused stage-1 training step and the extension's CPU op paths against their peers.
 
-    python -m benchmarks.bench_step [--quick] [--threads N] [--json out.json]
+    python -m benchmarks.bench_step [--quick] [--threads N] [--device cpu|cuda] [--json out.json]
 
 Step rows (batch B in {512, 4096}, D = 512, K in {10, 100, 1000}; hidden 512, Adam):
   eager     heads forward on [2B, D] x 2, the Python loss graph of `stage1.train_stage1`
@@ -13,6 +13,10 @@ Step rows (batch B in {512, 4096}, D = 512, K in {10, 100, 1000}; hidden 512, Ad
   logits) on the same inputs; the step columns include the heads' GEMMs, which are the
   same torch calls on every path.
 
+With --device cuda the step runs on the GPU (ext = the CUDA part of the extension), timed
+with a synchronize after each call; the op rows below are the extension's CPU paths and
+are left out there.
+
 Op rows (CPU): assign / knn through the extension vs a bare GEMM of the same shape (the
 floor: x c^T for assign; the chunked N x N product into a reused buffer for knn), vs
 the torch backend, and knn vs faiss-cpu IndexFlatIP (exact; it searches k+1 and drops
@@ -24,7 +28,8 @@ shared with other work, so also compare `--threads 1 --clock cpu` (one thread on
 path, faiss's own BLAS threads included, CPU time so waiting for the other jobs is not
 counted).
 Memory: growth of the process's peak RSS during one call, after malloc_trim and a
-reset of the peak (/proc/self/clear_refs; whole-process, Linux/glibc only; "-" elsewhere).
+reset of the peak (/proc/self/clear_refs; whole-process, Linux/glibc only; "-" elsewhere);
+on CUDA, torch.cuda.max_memory_allocated above the allocation before the call.
 """
 
 from __future__ import annotations
@@ -61,7 +66,15 @@ def _malloc_trim() -> None:
 
 
 def peak_mb(fn: Callable[[], object]) -> Optional[float]:
-    """Peak RSS growth (MiB) of one call, or None where /proc is not available."""
+    """Peak RSS growth (MiB) of one call, or None where /proc is not available; on CUDA
+    (--device cuda) the growth of the CUDA allocator's peak instead."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        base = torch.cuda.memory_allocated(DEVICE)
+        fn()
+        torch.cuda.synchronize(DEVICE)
+        return round((torch.cuda.max_memory_allocated(DEVICE) - base) / 2**20, 1)
     try:
         _malloc_trim()
         with open("/proc/self/clear_refs", "w") as f:
@@ -78,6 +91,13 @@ def timeit(fn: Callable[[], object], repeats: int) -> dict[str, float]:
 
 
 CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of the whole process)
+DEVICE = torch.device("cpu")  # --device
+
+
+def _sync() -> None:
+    """Wait for the GPU, so that a timed call includes its kernels, not just their launch."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def timeit_many(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict[str, float]]:
@@ -85,11 +105,13 @@ def timeit_many(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
     from other processes on a shared machine hits them alike."""
     for fn in fns.values():
         fn()  # warm-up
+    _sync()
     ts: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             t = CLOCK()
             fn()
+            _sync()
             ts[name].append(CLOCK() - t)
     return {name: {"median_ms": 1e3 * statistics.median(v), "min_ms": 1e3 * min(v)} for name, v in ts.items()}
 
@@ -107,7 +129,7 @@ def _step_inputs(b: int, k: int, d: int, seed: int = 0):
     centers = unit(k)
     shares = torch.rand(k, generator=g) + 0.5
     prior = shares / shares.sum()  # a non-uniform balance prior (KL(p_bar || prior))
-    return x_i, x_t, u, v, centers, prior
+    return tuple(t.to(DEVICE) for t in (x_i, x_t, u, v, centers, prior))
 
 
 def bench_step(b: int, k: int, d: int, repeats: int, with_compile: bool) -> dict:
@@ -117,7 +139,7 @@ def bench_step(b: int, k: int, d: int, repeats: int, with_compile: bool) -> dict
 
     x_i, x_t, u, v, centers, prior = _step_inputs(b, k, d)
     torch.manual_seed(0)
-    heads = Heads(d, k, 512)
+    heads = Heads(d, k, 512).to(DEVICE)
     opt = torch.optim.Adam(heads.parameters(), lr=1e-3)
 
     def make_step(loss_fn):
@@ -257,21 +279,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall clock, or the process's CPU time (steadier with --threads 1 on a shared machine; "
                         "with more threads it also counts OpenMP's spin-waiting)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda: the step on the GPU (the op rows are CPU-only)")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
-    global CLOCK
+    global CLOCK, DEVICE
     CLOCK = time.process_time if a.clock == "cpu" else time.perf_counter
+    DEVICE = torch.device(a.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but CUDA is not available")
+    if DEVICE.type == "cuda" and a.clock == "cpu":
+        p.error("--clock cpu does not see GPU time; use the wall clock with --device cuda")
     if a.threads:
         torch.set_num_threads(a.threads)
         os.environ["OPENBLAS_NUM_THREADS"] = str(a.threads)  # faiss-cpu's BLAS, read when it loads
     from semclust import csrc as ext
 
-    ext.build()
+    ext.build(cuda=DEVICE.type == "cuda")
     repeats = 2 if a.quick else 5
     shapes = [(512, 10), (512, 100)] if a.quick else [(b, k) for b in (512, 4096) for k in (10, 100, 1000)]
     meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(), "clock": a.clock, "torch": torch.__version__, "python": sys.version.split()[0],
-            "ext": ext.build_name("cpu")}
+            "ext": ext.build_name("cuda" if DEVICE.type == "cuda" else "cpu"),
+            "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu"}
     print(f"# {meta}")
     steps = []
     for b, k in shapes:
@@ -295,7 +324,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "ext x loss": r["ext_speedup_loss"], "eager MB": r["eager"]["peak_mb"],
                    "compile MB": r.get("compile", {}).get("peak_mb"), "ext MB": r["ext"]["peak_mb"]} for r in steps]
     print("\nstage-1 step (median ms; 'x' = eager / ext)\n" + _table(table_rows, cols))
-    ops_rows = [] if a.no_ops else bench_ops(a.quick, repeats)
+    ops_rows = [] if a.no_ops or DEVICE.type == "cuda" else bench_ops(a.quick, repeats)
     if ops_rows:
         print("\nCPU op paths (median ms)\n" + _table(ops_rows, ["op", "shape", "ext_ms", "gemm_ms", "torch_ms", "faiss_ms",
                                                                 "ext_over_gemm", "speedup_vs_torch", "faiss_over_ext"]))
