@@ -98,6 +98,9 @@ class SemanticSpaceConfig(_Section):
     noun_tau: float = option(0.01, low=0.0, low_open=True)  # "tac": softmax over centres when a noun votes
     kmeans_iters: int = option(100, low=1)
     kmeans_restarts: int = option(3, low=1)
+    # Lloyd on at most K x this many random rows, then one pass assigns all (faiss's cap;
+    # 0: every step reads all N rows). At 1M images and K = 100 a step reads 25,600 rows
+    kmeans_points_per_centre: int = option(256, low=0)
 
 
 @dataclass

@@ -64,6 +64,7 @@ def select_nouns(
     lo, hi = dist.shard_range(n, rank, world)
     reduce = dist.ShardedRows(global_offset=lo) if dist.is_distributed() else None
     km = ops.kmeans(u[lo:hi], m, iters=cfg.kmeans_iters, restarts=cfg.kmeans_restarts, seed=seed,
+                    max_points_per_centre=cfg.kmeans_points_per_centre or None,
                     chunk_size=chunks.assign, progress=progress and rank == 0, reduce=reduce)
     centers = km.centers.to(nouns.dtype)
     if cfg.method == "pool":

@@ -105,6 +105,7 @@ def kmeans(
     init_sample: int = 32768,
     progress: bool = False,
     reduce: Optional[KMeansReducer] = None,
+    max_points_per_centre: Optional[int] = None,
 ) -> KMeansResult:
     """Spherical k-means (cosine), seeded, best of `restarts` by objective.
 
@@ -132,6 +133,12 @@ def kmeans(
             cost more than the Lloyd steps; Lloyd then runs on all N rows.
         progress: a tqdm bar over the Lloyd steps of every restart (rows/s as the rate).
         reduce: the `KMeansReducer` of sharded rows; None: `x` is all the rows.
+        max_points_per_centre: train on at most k x this many random rows (faiss's cap,
+            whose default is 256), then assign all N rows once to the centres of the
+            restart with the best objective on that sample. None: every Lloyd step reads
+            all N rows. The sample is drawn by global row id from the seeded generator
+            and gathered once (`reduce.take`), so every process trains on the same rows
+            whatever the sharding.
     Returns:
         KMeansResult(centers [K, D] float32, labels [N] (with `reduce`: [n_local]) int64,
         objective = mean_i (1 - cos(x_i, c_label_i)) over all N rows, lower is better).
@@ -147,6 +154,8 @@ def kmeans(
     V.count("init_sample", init_sample, k, what=" (k-means++ needs at least k rows to seed from)")
     if init not in ("k-means++", "random"):
         raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
+    if max_points_per_centre is not None:
+        V.count("max_points_per_centre", max_points_per_centre, 1)
 
     # rows that are already unit-norm (embedding stores are) are used as they are, even
     # memory-mapped fp16: every pass below reads them in chunks
@@ -156,6 +165,12 @@ def kmeans(
         return xf[ids] if reduce is None else reduce.take(xf, ids)
 
     gen = torch.Generator(device=x.device).manual_seed(seed)
+    full, full_reduce, n_full = xf, reduce, n
+    if max_points_per_centre is not None and n > k * max_points_per_centre:
+        # Lloyd on a sample, held whole by every process (no reducer needed for it)
+        n = k * max_points_per_centre
+        xf = rows(torch.randperm(n_full, generator=gen, device=x.device)[:n].sort().values).float()
+        reduce = None
     whole = None  # k-means++ seeds from every row when N <= init_sample (gathered once if sharded)
     if init == "k-means++" and n <= init_sample:
         whole = xf if reduce is None else reduce.take(xf, torch.arange(n, device=x.device))
@@ -194,4 +209,8 @@ def kmeans(
             best = KMeansResult(centers, labels, obj)
         bar.update((r + 1) * iters - bar.n)  # a restart that converged early skips its remaining steps
     bar.close()
-    return best
+    if xf is full:
+        return best
+    # trained on a sample: one pass labels every row and scores the centres on all of them
+    labels = assign(full, best.centers, _HARD_TAU, chunk_size=chunk_size).labels
+    return KMeansResult(best.centers, labels, _objective(full, best.centers, labels, chunk_size, n_full, full_reduce))

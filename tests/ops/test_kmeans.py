@@ -308,7 +308,7 @@ class OneShard:
         return x[torch.topk(dist, min(e, x.shape[0])).indices]
 
 
-@pytest.mark.parametrize("case", ["all rows", "init_sample", "random", "fp16", "empty clusters"])
+@pytest.mark.parametrize("case", ["all rows", "init_sample", "random", "fp16", "empty clusters", "sample"])
 def test_one_shard_reducer_is_the_plain_loop(case):
     """Every reduction goes through the hook, and one shard gives reduce=None bit for bit."""
     x, _ = blobs(300, 8, 6, 0.4)
@@ -321,6 +321,8 @@ def test_one_shard_reducer_is_the_plain_loop(case):
         x = x.half()
     elif case == "empty clusters":
         x, k = x[:3].repeat(20, 1), 5
+    elif case == "sample":
+        kw["max_points_per_centre"] = 20
     red = OneShard()
     got = ops.kmeans(x, k, reduce=red, **kw)
     want = ops.kmeans(x, k, **kw)
@@ -328,7 +330,7 @@ def test_one_shard_reducer_is_the_plain_loop(case):
     assert float(got.objective) == float(want.objective)
     assert red.calls[0] == "total_rows" and red.calls.count("total_rows") == 1
     # seeding rows come through take (the whole of x once when it fits in init_sample)
-    assert red.calls.count("take") == (1 if case in ("all rows", "fp16", "empty clusters") else 2)
+    assert red.calls.count("take") == (1 if case in ("all rows", "fp16", "empty clusters", "sample") else 2)
     assert "sum" in red.calls
     assert ("farthest" in red.calls) == (case == "empty clusters")
 
@@ -345,3 +347,32 @@ def test_reducer_checks_the_shards_first():
         ops.kmeans(bad, 2, reduce=Refuses())
     with pytest.raises(ValueError, match=r"k must be in \[1, 12\].*12 rows"):
         ops.kmeans(torch.randn(6, 3), 13, reduce=type("Twice", (OneShard,), {"total_rows": lambda self, x: 12})())
+
+
+def test_trained_on_a_sample_then_every_row_assigned():
+    """faiss's points-per-centre cap: Lloyd on k x cap rows, one pass labels all N, and the
+    objective (on all rows) is within 1% of the run on every row."""
+    x, _ = blobs(6000, 16, 8, 0.5)
+    full = ops.kmeans(x, 8, restarts=2, seed=1)
+    got = ops.kmeans(x, 8, restarts=2, seed=1, max_points_per_centre=256)
+    assert got.labels.shape == (6000,)
+    assert torch.equal(got.labels, ops.assign(x, got.centers, 1e-2).labels)
+    want_obj = float((1 - (x * got.centers[got.labels]).sum(1)).mean())
+    assert float(got.objective) == pytest.approx(want_obj, rel=1e-5)
+    assert float(got.objective) <= 1.01 * float(full.objective)
+    # the sample is drawn from the seed
+    again = ops.kmeans(x, 8, restarts=2, seed=1, max_points_per_centre=256)
+    assert torch.equal(again.centers, got.centers)
+
+
+def test_sample_cap_above_n_is_the_plain_run():
+    x, _ = blobs(300, 8, 6, 0.4)
+    a = ops.kmeans(x, 6, seed=3)
+    b = ops.kmeans(x, 6, seed=3, max_points_per_centre=50)
+    assert torch.equal(a.centers, b.centers) and torch.equal(a.labels, b.labels)
+
+
+def test_sample_cap_must_be_positive():
+    x, _ = blobs(300, 8, 6, 0.4)
+    with pytest.raises(ValueError, match="max_points_per_centre"):
+        ops.kmeans(x, 6, max_points_per_centre=0)
