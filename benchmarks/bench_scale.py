@@ -55,8 +55,11 @@ def make_store(path: Path, n: int, chunk: int = 65536) -> Path:
     """Write N synthetic rows (latent centre + noise, normalised) to a store, once."""
     from semclust.inputs.store import StoreWriter, is_store, open_store
 
-    if is_store(path) and open_store(path, verify=False).complete and len(open_store(path, verify=False)) == n:
-        return path
+    # a store cut short by a killed run is rewritten, not reused (reading it needs allow_incomplete)
+    if is_store(path):
+        old = open_store(path, verify=False, allow_incomplete=True)
+        if old.complete and len(old) == n:
+            return path
     centres = _latent()
     g = torch.Generator().manual_seed(SEED + 1)
     with StoreWriter(path, "synthetic-scale", None, None, DIM, shard_rows=65536) as w:
