@@ -92,7 +92,11 @@ class SemanticClusterer:
     ``labels_`` [N] (-1 for unreadable images), ``confidences_`` [N],
     ``cluster_centers_`` [K, D], ``history_`` (per-phase metrics and timings),
     ``stage1_labels_`` [N], ``skipped_`` (unreadable inputs), ``mode_`` and ``model_``
-    (the fitted `semclust.model` object: "stage1", "adapter" or "encoder").
+    (the fitted `semclust.model` object: "stage1", "adapter" or "encoder"), and
+    ``cluster_names_``: per cluster its `pipeline.NAMES_PER_CLUSTER` (5) best nouns as (name, score),
+    best first (see `pipeline.name_clusters`); nouns given as words are named by the word,
+    noun embeddings [W, D] by their row ("noun 17"); an empty cluster has none; None for
+    a model saved before names existed.
     `get_params` / `set_params` follow scikit-learn, so `sklearn.base.clone` and grid
     search work; a fit that leaves clusters empty warns with `ClusterCollapseWarning`.
 
@@ -220,6 +224,7 @@ class SemanticClusterer:
         self.skipped_ = r.report
         self.n_features_in_ = r.dim
         self.history_ = r.history
+        self.cluster_names_ = r.names
         self._config = cfg
         sizes = np.bincount(self.labels_[self.labels_ >= 0], minlength=k)
         if (sizes == 0).any():
@@ -311,7 +316,8 @@ class SemanticClusterer:
         params = {"n_clusters": self.n_clusters, "stage": self.stage, "seed": self.seed, "clip": name,
                   "pretrained": pretrained, "checkpoint_sha256": sha, "custom_encoder": custom}
         return fitted.save(path, self.model_, params=params, dim=self.n_features_in_, history=self.history_,
-                           cluster_centers=self.cluster_centers_, labels=self.labels_, confidences=self.confidences_)
+                           cluster_centers=self.cluster_centers_, labels=self.labels_, confidences=self.confidences_,
+                           cluster_names=self.cluster_names_)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], clip: Any = None, device: Optional[str] = None) -> "SemanticClusterer":
@@ -336,6 +342,7 @@ class SemanticClusterer:
         model.confidences_ = t["confidences"].numpy()
         model.n_features_in_ = meta["dim"]
         model.history_ = meta.get("history", {})
+        model.cluster_names_ = fitted.cluster_names(loaded)
         model._config = loaded.config
         return model
 

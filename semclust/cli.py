@@ -31,6 +31,7 @@ USER_ERRORS = (ValueError, TypeError, RuntimeError, FileNotFoundError, FileExist
                IsADirectoryError)
 SEED_MAX = 2**32 - 1  # numpy's seed range
 LABELS_FILE = "labels.npy"
+NAMES_SHOWN = 20  # `fit` prints every cluster's names up to this K, the first ones above it
 
 
 def _seed_everything(seed: int) -> None:
@@ -179,7 +180,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     model.fit(TensorSource(data.raw), nouns=data.noun_embeddings)
     s = model.history_["seconds"]
     # stage 1 is every phase up to and including the heads' training (k-means and kNN too)
-    row("stage 1 (cross-modal heads)", model.stage1_labels_, sum(t for name, t in s.items() if name != "stage2"))
+    row("stage 1 (cross-modal heads)", model.stage1_labels_,
+        sum(t for name, t in s.items() if name not in ("stage2", "names")))
     row("stage 2 (self-enhanced)", model.labels_, s["stage2"])
     print(_table(rows, ["method", "ACC", "NMI", "ARI", "time"]))
     print(f"total {time.perf_counter() - t0 + float(rows[0]['time'][:-1]):.1f}s on {torch.get_num_threads()} threads; "
@@ -228,7 +230,7 @@ def cmd_fit(a: argparse.Namespace) -> int:
     if Path(a.out).exists() and not Path(a.out).is_dir():
         raise NotADirectoryError(f"--out {a.out!r} exists and is not a directory")
     nouns = _read_nouns(a.nouns)
-    x = _read_input(a.input)
+    x = _fit_inputs(a.input, a.allow_incomplete)
     _seed_everything(a.seed)
     info = init_from_env()  # under torchrun: join the group; the fit then shards its phases
     model = SemanticClusterer(a.k, clip=a.clip, pretrained=a.pretrained, nouns=nouns,
@@ -242,6 +244,7 @@ def cmd_fit(a: argparse.Namespace) -> int:
     np.save(out / LABELS_FILE, model.labels_)
     counts = np.bincount(model.labels_[model.labels_ >= 0], minlength=a.k)
     print(f"fitted {len(model.labels_)} samples into {a.k} clusters ({model.mode_}); sizes {counts.tolist()}")
+    print(_names_text(model.cluster_names_, counts))
     if model.skipped_.count:
         print(str(model.skipped_))
     print(f"model and {LABELS_FILE} written to {out}")
@@ -250,16 +253,57 @@ def cmd_fit(a: argparse.Namespace) -> int:
     return 0
 
 
+def _names_text(names: list[list[tuple[str, float]]], sizes: np.ndarray) -> str:
+    """One line per cluster, "cluster 3 (512): dog 0.412, puppy 0.398, ..."; above
+    NAMES_SHOWN clusters the first NAMES_SHOWN // 2 (semclust.json holds them all)."""
+    shown = len(names) if len(names) <= NAMES_SHOWN else NAMES_SHOWN // 2
+    lines = ["cluster names (nearest nouns to each cluster's text-side centre, cosine):"]
+    lines += [f"  cluster {c} ({int(sizes[c])}): " + (", ".join(f"{n} {s:.3f}" for n, s in names[c]) or "(empty)")
+              for c in range(shown)]
+    if shown < len(names):
+        lines.append(f"  ... {len(names) - shown} more clusters: field cluster_names of semclust.json")
+    return "\n".join(lines)
+
+
+def _fit_inputs(path: str, allow_incomplete: bool) -> Any:
+    """The classified input of `fit` (`inputs.classify.Inputs`), checked before any model
+    is built; an embedding store that `embed` is still writing is opened only with
+    --allow-incomplete."""
+    from .inputs.classify import as_inputs
+    from .inputs.store import IncompleteStoreError, has_manifest, open_store
+
+    x = _read_input(path)
+    is_store = isinstance(x, str) and Path(x).is_dir() and has_manifest(x)
+    if allow_incomplete and not is_store:
+        raise ValueError(f"--allow-incomplete applies to an embedding store; input {path!r} is not one")
+    if allow_incomplete:
+        return as_inputs(open_store(x, allow_incomplete=True))
+    try:
+        return as_inputs(x)
+    except IncompleteStoreError as e:
+        # the library names its keyword argument; here the option is what to pass
+        raise IncompleteStoreError(str(e).replace("allow_incomplete=True", "--allow-incomplete")) from None
+
+
 def cmd_predict(a: argparse.Namespace) -> int:
     from .api import SemanticClusterer
+    from .inputs.classify import as_inputs
 
     out = _labels_path(a.out)
     _must_exist(a.run, "run directory")
-    x = _read_input(a.input)
+    _parent_must_exist(a.json, "--json")
+    # classified before the model is loaded: a bad input fails before CLIP is built
+    x = as_inputs(_read_input(a.input))
     model = SemanticClusterer.load(a.run, device=a.device)
     labels = model.predict(x)
     np.save(out, labels)
     print(f"predicted {len(labels)} labels ({int((labels < 0).sum())} unreadable) -> {out}")
+    if a.json:
+        summary = {"labels": str(out), "samples": len(labels), "unreadable": int((labels < 0).sum()),
+                   "sizes": np.bincount(labels[labels >= 0], minlength=model.n_clusters).tolist(),
+                   "cluster_names": model.cluster_names_}
+        Path(a.json).write_text(json.dumps(summary, indent=2))
+        print(f"summary -> {a.json}")
     return 0
 
 
@@ -413,6 +457,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--epochs", type=_int_in(0), help="stage-1 epochs (default from the config)")
     f.add_argument("--config", type=_path, help="JSON file with config overrides (see semclust.config)")
     f.add_argument("--resume", action="store_true", help="continue a killed run in RUN (same input and settings): finished phases are reused, stage 1 and 2 continue from their last epoch")
+    f.add_argument("--allow-incomplete", action="store_true",
+                   help="fit the rows an embedding store holds so far while `semclust embed` is still writing it "
+                        "(or was interrupted); without it an incomplete store is an error")
     common(f, clip=True)
     f.set_defaults(fn=cmd_fit)
 
@@ -422,6 +469,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", type=_path, required=True,
                     help=f"labels file (.npy is added when missing); an existing folder gets FOLDER/{LABELS_FILE}. "
                          "The path written is printed")
+    pr.add_argument("--json", type=_path, help="also write a JSON summary here: the labels file, cluster sizes and "
+                                               "the run's cluster names ([name, score] lists, null for a run saved "
+                                               "without names)")
     common(pr)
     pr.set_defaults(fn=cmd_predict)
 

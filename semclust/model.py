@@ -12,11 +12,14 @@ Each has `kind` (the string `SemanticClusterer.mode_` reports), `image_encoder(d
 features u [chunk, D]) and `tensors()` (its weights for the file). The directory format is
 owned here, the way `inputs.store` owns `semclust-embeddings/1`:
 
-    semclust.json          {"format", "params", "mode", "dim", "config", "history", "weights_sha256"}
+    semclust.json          {"format", "params", "mode", "dim", "config", "history", "weights_sha256",
+                            "cluster_names", "cluster_name_scores"}
     weights.safetensors    heads.*, head2.*, adapter.* | encoder.*, noun_bank, cluster_centers,
                            labels, confidences
 
-Both files are written atomically, the JSON last and carrying the weights' sha256, so a
+`cluster_names` (optional: runs saved before names were added lack it) holds per cluster
+a list of noun names, best first, or one name (as `semclust report` reads it: names may
+be written by hand); `cluster_name_scores` (optional) the matching lists of scores. Both files are written atomically, the JSON last and carrying the weights' sha256, so a
 reader never pairs a config with other weights. `read` trusts nothing in the directory:
 `semclust.json` is checked against `SCHEMA` (`check_meta`), both files must lie inside
 the directory (no symlink out), the weights are safetensors (no pickle runs) and must
@@ -130,6 +133,22 @@ def _optional_str(x: Any) -> bool:
     return x is None or isinstance(x, str)
 
 
+def _names_ok(x: Any) -> bool:
+    # what `semclust report` shows: per cluster a name or a list of names
+    return x is _ABSENT or isinstance(x, list) and all(
+        isinstance(row, str) or isinstance(row, list) and all(isinstance(n, str) for n in row) for row in x)
+
+
+def _scores_ok(x: Any) -> bool:
+    # per cluster a list of numbers (an int is a number here, a bool is not)
+    return x is _ABSENT or isinstance(x, list) and all(
+        isinstance(row, list) and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in row) for row in x)
+
+
+def _name_rows(names: list) -> list[list[str]]:
+    return [[row] if isinstance(row, str) else row for row in names]
+
+
 # Every field of semclust.json that `build` and `SemanticClusterer.load` read: dotted name
 # -> (check, what it must be). Checked in order (a section before its fields); fields not
 # listed are ignored. Optional ones accept `_ABSENT`.
@@ -148,6 +167,8 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "params.checkpoint_sha256": (lambda x: x is _ABSENT or _optional_str(x), "a string or null"),
     "config": (lambda x: isinstance(x, dict), "an object (the sections of semclust.config.Config)"),
     "history": (lambda x: x is _ABSENT or isinstance(x, dict), "an object"),
+    "cluster_names": (_names_ok, "a list with a string or a list of strings per cluster"),
+    "cluster_name_scores": (_scores_ok, "a list of lists of numbers (the scores of each cluster's names)"),
 }
 
 
@@ -179,10 +200,19 @@ def check_meta(meta: Any, where: Union[str, Path]) -> None:
         if not ok(value):
             state = "is missing" if value is _ABSENT else f"is {_short(value)}"
             raise _invalid(where, f"field {name} {state}; it must be {what}")
+    # names may come without scores (written by hand), scores never without their names
+    names, scores = meta.get("cluster_names", _ABSENT), meta.get("cluster_name_scores", _ABSENT)
+    if scores is not _ABSENT and (names is _ABSENT or [len(r) for r in _name_rows(names)] != [len(r) for r in scores]):
+        raise _invalid(where, "field cluster_name_scores must hold one score per name of field cluster_names")
+
+
+# per cluster its (name, score) pairs, best first; the score is None for names saved without one
+ClusterNames = list[list[tuple[str, Optional[float]]]]
 
 
 def save(path: Union[str, Path], model: FittedModel, *, params: dict[str, Any], dim: int, history: dict,
-         cluster_centers: np.ndarray, labels: np.ndarray, confidences: np.ndarray) -> Path:
+         cluster_centers: np.ndarray, labels: np.ndarray, confidences: np.ndarray,
+         cluster_names: Optional[ClusterNames] = None) -> Path:
     """Write `model` and the fit's per-row results to directory `path` (see the module doc)."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -196,6 +226,10 @@ def save(path: Union[str, Path], model: FittedModel, *, params: dict[str, Any], 
         "format": MODEL_FORMAT, "params": params, "mode": model.kind, "dim": dim, "config": model.config.to_dict(),
         "history": history, "weights_sha256": sha256_file(out / WEIGHTS_FILE),
     }
+    if cluster_names is not None:
+        # names and scores apart: `semclust report` reads cluster_names as lists of strings
+        meta["cluster_names"] = [[name for name, _ in row] for row in cluster_names]
+        meta["cluster_name_scores"] = [[score for _, score in row] for row in cluster_names]
     blob = json.dumps(meta, indent=2, default=float).encode()
     atomic_write(out / CONFIG_FILE, lambda f: f.write(blob))
     return out
@@ -237,6 +271,10 @@ def _check_weights(t: dict[str, Tensor], meta: dict[str, Any], where: Path) -> N
                               f"and nouns {tuple(nouns.shape)}")
     if labels.dim() != 1 or conf.shape != labels.shape:
         raise _invalid(where, f"labels {tuple(labels.shape)} and confidences {tuple(conf.shape)} must be [N] each")
+    # checked after the centres, which confirm n_clusters (a names list alone could be the odd one)
+    names = meta.get("cluster_names")
+    if names is not None and len(names) != k:
+        raise _invalid(where, f"field cluster_names holds {len(names)} clusters but params.n_clusters is {k}")
 
 
 def read(path: Union[str, Path]) -> Loaded:
@@ -265,6 +303,16 @@ def read(path: Union[str, Path]) -> Loaded:
     except (ValueError, TypeError) as e:
         raise _invalid(cfile, f"field config: {e}") from None
     return Loaded(meta, config, t, cfile)
+
+
+def cluster_names(loaded: Loaded) -> Optional[ClusterNames]:
+    """The saved (name, score) pairs of every cluster; None for a run saved without names."""
+    names = loaded.meta.get("cluster_names")
+    if names is None:
+        return None
+    rows = _name_rows(names)
+    scores = loaded.meta.get("cluster_name_scores") or [[None] * len(row) for row in rows]
+    return [list(zip(row, row_scores, strict=True)) for row, row_scores in zip(rows, scores, strict=True)]
 
 
 def _prefixed(t: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:

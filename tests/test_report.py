@@ -188,7 +188,10 @@ def test_report_of_an_image_fit(image_run, image_report, capsys):
     assert all(src.startswith("data:image/jpeg;base64,") for src in page.images)
     assert "ACC " in html and "NMI " in html and "ARI " in html and 'class="confusion"' in html
     assert html.count('class="hist"') == 3 + 1  # one per cluster and the overview's
-    assert "cluster 0</h3>" in html  # no cluster_names in the run: plain numbers
+    # the fit's cluster names (nouns of words.txt) head each non-empty cluster
+    names = json.loads((image_run / "run" / "semclust.json").read_text())["cluster_names"]
+    for c, row in enumerate(names):
+        assert (f"cluster {c} &middot; {', '.join(row)}</h3>" if row else f"cluster {c}</h3>") in html
     # the settings and per-phase times of the fit
     assert "stage1" in html and "kmeans" in html and "peak_rss_mb" in html
 

@@ -85,7 +85,7 @@ def test_store_with_tiny_chunks_equals_in_memory_fit(store, tmp_path):
     assert {"images.npy", "counterparts.npy", "knn_image.npy", "knn_text.npy", "stage1.ckpt"} <= {p.name for p in work.iterdir()}
     for a, b in zip(streamed.history_["stage1"], mem.history_["stage1"]):
         assert a["total"] == pytest.approx(b["total"], rel=1e-5)
-    assert [r["phase"] for r in streamed.history_["phases"]] == ["encode", "nouns", "store", "kmeans", "counterparts", "knn", "stage1"]
+    assert [r["phase"] for r in streamed.history_["phases"]] == ["encode", "nouns", "store", "kmeans", "counterparts", "knn", "stage1", "names"]
     assert all(r["peak_rss_mb"] > 0 for r in streamed.history_["phases"])
 
 

@@ -11,11 +11,15 @@ import contextlib
 import json
 import logging
 import os
+import socket
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
+from urllib.parse import urlsplit
 
 import open_clip
+import open_clip.pretrained
 import torch
 import torch.nn.functional as F
 from open_clip.transform import PreprocessCfg, image_transform_v2
@@ -51,6 +55,15 @@ STRONG_CROP_SCALE = (0.3, 1.0)
 STRONG_JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
 STRONG_JITTER_P = 0.8
 STRONG_GRAY_P = 0.2
+# offline, huggingface_hub retries a download for about a minute before it fails; one
+# connect with this timeout answers "can the weights be fetched at all" first
+HUB_PROBE_TIMEOUT_S = 2.0
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+_TRUE = ("1", "on", "yes", "true")  # huggingface_hub's spelling of a true flag
+
+
+class WeightsUnavailableError(RuntimeError):
+    """An open_clip pretrained tag whose weights are not cached and cannot be downloaded."""
 
 
 class EncodeResult(NamedTuple):
@@ -126,8 +139,105 @@ def _resolve_pretrained(arch: str, pretrained: str | os.PathLike | None) -> tupl
                      "or pass the path of a local checkpoint file")
 
 
+def _weights_source(arch: str, tag: str) -> tuple[str | None, list[str], str]:
+    """(Hugging Face repo id or None, file names open_clip tries there, download URL) of a tag,
+    the way `open_clip.pretrained.download_pretrained` chooses: the hub when it has the tag
+    and huggingface_hub is installed, else the plain URL."""
+    cfg = open_clip.pretrained.get_pretrained_cfg(arch, tag)
+    hub = cfg.get("hf_hub", "")
+    if hub and open_clip.pretrained.has_hf_hub():
+        repo, name = os.path.split(hub)
+        name = name or open_clip.pretrained.HF_WEIGHTS_NAME
+        # open_clip looks for a safetensors twin first
+        safe = (open_clip.pretrained.HF_SAFE_WEIGHTS_NAME if name == open_clip.pretrained.HF_WEIGHTS_NAME
+                else name[:-4] + ".safetensors" if name.endswith((".bin", ".pth")) else None)
+        return repo, [n for n in (safe, name) if n], f"https://huggingface.co/{repo}"
+    return None, [], cfg.get("url", "")
+
+
+def _weights_cached(arch: str, tag: str) -> bool:
+    """Whether open_clip would load the tag's weights from its local cache, no network needed."""
+    cfg = open_clip.pretrained.get_pretrained_cfg(arch, tag)
+    if "file" in cfg:
+        return True
+    repo, names, url = _weights_source(arch, tag)
+    if repo is not None:
+        from huggingface_hub import try_to_load_from_cache
+
+        # a path when cached; None or a "known missing" marker otherwise
+        return any(isinstance(try_to_load_from_cache(repo, n), str) for n in names)
+    return bool(url) and (Path("~/.cache/clip").expanduser() / os.path.basename(url)).is_file()
+
+
+def _probe_target(arch: str, tag: str) -> tuple[str, int]:
+    """(host, port) the download would connect to first: the proxy when one is set (a
+    direct connect fails behind it though the download would work), else the hub
+    endpoint (HF_ENDPOINT, default huggingface.co) or the URL's host."""
+    proxy = next((os.environ[v] for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+                  if os.environ.get(v)), None)
+    if proxy:
+        parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    repo, _, url = _weights_source(arch, tag)
+    if repo is not None:
+        from huggingface_hub import constants
+
+        url = constants.ENDPOINT
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or (80 if parts.scheme == "http" else 443)
+
+
+def _unreachable(host: str, port: int, timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Why host:port cannot be connected to within `timeout` seconds, or None when it can.
+
+    The connect runs in a daemon thread joined with the timeout: the socket timeout does
+    not bound the DNS lookup, which can hang far longer on a machine without network.
+    """
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as e:
+            outcome.append(f"{type(e).__name__}: {e}")
+
+    probe = threading.Thread(target=connect, name="semclust-hub-probe", daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return outcome[0] if outcome else f"no answer within {timeout:g} s"
+
+
+def check_weights_reachable(arch: str, tag: str) -> None:
+    """Raise WeightsUnavailableError, within a few seconds, when the weights of open_clip
+    tag `tag` are neither cached nor downloadable (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE
+    set, or no connection to the download host); the message says how to pass a local
+    checkpoint instead."""
+    if _weights_cached(arch, tag):
+        return
+    flag = next((v for v in OFFLINE_ENV if os.environ.get(v, "").strip().lower() in _TRUE), None)
+    if flag is not None:
+        why = f"{flag}={os.environ[flag]} is set and they are not in the local cache"
+    else:
+        host, port = _probe_target(arch, tag)
+        problem = _unreachable(host, port)
+        if problem is None:
+            return
+        why = f"{host}:{port} cannot be reached ({problem}) and they are not in the local cache"
+    _, names, url = _weights_source(arch, tag)
+    file = names[-1] if names else os.path.basename(url) or "open_clip_pytorch_model.bin"
+    where = f" from {url}" if url else ""
+    # the OpenAI weights need QuickGELU, which only the "-quickgelu" config builds from a file
+    quick = (f" --clip {arch}-quickgelu" if open_clip.pretrained.get_pretrained_cfg(arch, tag).get("quick_gelu")
+             and f"{arch}-quickgelu" in open_clip.list_models() else "")
+    raise WeightsUnavailableError(
+        f"cannot fetch the open_clip weights {arch}/{tag}: {why}; download {file}{where} on a machine with "
+        f"network and pass its local file path:{quick} --pretrained /path/to/{file} (in Python: pretrained=PATH)")
+
+
 def _create_model(arch: str, tag: str | None, file: Path | None, device: torch.device) -> nn.Module:
     if tag is not None:
+        check_weights_reachable(arch, tag)
         try:
             return open_clip.create_model(arch, pretrained=tag, device=device)
         except Exception as e:
