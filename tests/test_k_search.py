@@ -1,0 +1,97 @@
+"""Estimating K: finds the true K on well-separated blobs, respects k_range, one score
+row per K tried with every criterion, checks its input, deterministic for a seed."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from semclust.method.k_search import CRITERIA, KSearch, choose, estimate_k, k_grid
+
+SCORE_KEYS = {"k", "cross_modal", "cross_modal_se", "cross_modal_vote", "silhouette", "image_silhouette", "agreement", "kappa",
+              "calinski_harabasz", "objective"}
+
+
+def _blobs(k=6, n=600, d=16, seed=0):
+    """k well-separated concepts: images near their concept, 3 nouns a concept, 20 distractors."""
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(k, d, generator=g), dim=1)
+    labels = torch.arange(n) % k
+    u = F.normalize(centres[labels] + 0.15 * torch.randn(n, d, generator=g), dim=1)
+    nouns = torch.cat([F.normalize(centres.repeat_interleave(3, 0) + 0.03 * torch.randn(3 * k, d, generator=g), dim=1),
+                       F.normalize(torch.randn(20, d, generator=g), dim=1)])
+    return u, nouns, labels
+
+
+@pytest.mark.parametrize("k", [4, 7])
+def test_finds_the_true_k_on_separated_blobs(k):
+    u, nouns, _ = _blobs(k=k)
+    ks = estimate_k(u, nouns, (2, 12), points=11, rounds=1)
+    assert [s["k"] for s in ks.scores] == list(range(2, 13))
+    assert isinstance(ks, KSearch)
+    assert ks.k == k
+    assert ks.criterion == "cross_modal" and not ks.at_range_end
+
+
+def test_k_range_is_respected_and_scores_have_every_criterion():
+    u, nouns, _ = _blobs(k=6)
+    ks = estimate_k(u, nouns, (8, 12), points=4, rounds=2)
+    tried = [s["k"] for s in ks.scores]
+    assert tried == k_grid(8, 12, 4) and tried[0] == 8 and tried[-1] == 12
+    assert 8 <= ks.k <= 12
+    assert ks.at_range_end == (ks.k in (8, 12))  # the true 6 is below the range
+    for s in ks.scores:
+        assert set(s) == SCORE_KEYS
+        assert all(isinstance(s[c], float) for c in SCORE_KEYS - {"k"})
+    assert 1 <= len(ks.rounds) <= 2 and ks.rounds[0]["k0"] == 12
+    assert ks.sample == u.shape[0] and ks.seconds > 0
+    assert "cross_modal" in ks.table() and isinstance(ks.to_dict()["scores"], list)
+    # a single-K range tries that K only
+    one = estimate_k(u, nouns, (5, 5), rounds=1)
+    assert one.k == 5 and [s["k"] for s in one.scores] == [5]
+
+
+def test_grid_is_geometric_distinct_and_inclusive():
+    g = k_grid(2, 200, 24)
+    assert g[0] == 2 and g[-1] == 200 and len(g) == len(set(g)) and g == sorted(g)
+    assert 15 <= len(g) <= 24
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_each_criterion_chooses_its_argmax(criterion):
+    u, nouns, _ = _blobs(k=5, n=300)
+    ks = estimate_k(u, nouns, (2, 10), points=5, rounds=1, criterion=criterion)
+    assert ks.k == choose(ks.scores, criterion)["k"]
+    if criterion != "cross_modal_1se":
+        assert ks.k == max(ks.scores, key=lambda d: (d[criterion], -d["k"]))["k"]
+
+
+@pytest.mark.parametrize("k_range,match", [
+    ((1, 10), "2 <= k_min"), ((10, 5), "2 <= k_min"), ((2,), "two integers"), ("ab", "two integers"),
+    ((2.5, 10), "two integers"), ((2, 1000), "exceeds the 600 rows"), (None, "two integers"),
+])
+def test_bad_k_range_errors(k_range, match):
+    u, nouns, _ = _blobs()
+    with pytest.raises(ValueError, match=match):
+        estimate_k(u, nouns, k_range)
+
+
+def test_bad_inputs_error():
+    u, nouns, _ = _blobs()
+    with pytest.raises(ValueError, match="u must be"):
+        estimate_k(u[0], nouns)
+    with pytest.raises(ValueError, match="nouns must be"):
+        estimate_k(u, nouns[:, :5])
+    with pytest.raises(ValueError, match="criterion"):
+        estimate_k(u, nouns, (2, 5), criterion="bic")
+    with pytest.raises(ValueError, match="sample"):
+        estimate_k(u, nouns, (2, 5), sample=0)
+    with pytest.raises(ValueError, match="restarts"):
+        estimate_k(u, nouns, (2, 5), restarts=0)
+
+
+def test_deterministic_for_a_seed_and_runs_on_a_sample():
+    u, nouns, _ = _blobs(k=5, n=900)
+    a = estimate_k(u, nouns, (2, 10), seed=3, sample=400, points=6, rounds=1)
+    b = estimate_k(u, nouns, (2, 10), seed=3, sample=400, points=6, rounds=1)
+    assert a.k == b.k and a.scores == b.scores
+    assert a.sample == 400  # max(sample, 20 k_max) rows of the 900
