@@ -49,7 +49,9 @@ def _is_int(x: Any) -> bool:
 # parameter -> (check, what it must be); checked at the top of `fit`, like scikit-learn's
 # `_parameter_constraints`
 _PARAMETER_CONSTRAINTS: dict[str, tuple[Any, str]] = {
-    "n_clusters": (lambda x: _is_int(x) and x >= 2, "an int >= 2"),
+    "n_clusters": (lambda x: (_is_int(x) and x >= 2) or (isinstance(x, str) and x == "auto"), "an int >= 2 or 'auto'"),
+    "k_range": (lambda x: isinstance(x, (tuple, list)) and len(x) == 2 and all(_is_int(v) for v in x) and 2 <= x[0] <= x[1],
+                "(k_min, k_max) ints with 2 <= k_min <= k_max"),
     "clip": (lambda x: x is None or isinstance(x, (str, os.PathLike)) or callable(getattr(x, "image_features", None)),
              "an open_clip name, a model-config .json, an encoder object with image_features, or None (embeddings)"),
     "pretrained": (lambda x: x is None or isinstance(x, (str, os.PathLike)), "a tag, a checkpoint path or None"),
@@ -93,6 +95,7 @@ class SemanticClusterer:
     ``cluster_centers_`` [K, D], ``history_`` (per-phase metrics and timings),
     ``stage1_labels_`` [N], ``skipped_`` (unreadable inputs), ``mode_`` and ``model_``
     (the fitted `semclust.model` object: "stage1", "adapter" or "encoder"), and
+    ``n_clusters_`` (the K fitted: n_clusters, or the estimate of n_clusters="auto"),
     ``cluster_names_``: per cluster its `pipeline.NAMES_PER_CLUSTER` (5) best nouns as (name, score),
     best first (see `pipeline.name_clusters`); nouns given as words are named by the word,
     noun embeddings [W, D] by their row ("noun 17"); an empty cluster has none; None for
@@ -101,7 +104,11 @@ class SemanticClusterer:
     search work; a fit that leaves clusters empty warns with `ClusterCollapseWarning`.
 
     Args:
-        n_clusters: K >= 2 (the only positional parameter).
+        n_clusters: K >= 2 (the only positional parameter), or "auto": K estimated from the
+            data within `k_range` before the fit (`method.k_search.estimate_k`: the K whose
+            counterpart clusters the image features back most, on a row sample; the scores
+            of every K tried are in ``history_["k_search"]``); the K used is ``n_clusters_``.
+        k_range: (k_min, k_max) searched when n_clusters="auto".
         clip: an open_clip model name, a model-config .json, or an encoder object with
             ``image_features``, ``tail_parameters`` and ``view_transform`` (see stage2).
         pretrained: open_clip pretrained tag or local checkpoint file (None: random, tests).
@@ -120,8 +127,9 @@ class SemanticClusterer:
 
     def __init__(
         self,
-        n_clusters: int = 10,
+        n_clusters: Union[int, str] = 10,
         *,
+        k_range: tuple[int, int] = (2, 200),
         clip: Any = "ViT-B-32",
         pretrained: Optional[str] = "openai",
         nouns: Any = "default",
@@ -134,6 +142,7 @@ class SemanticClusterer:
         resume: bool = False,
     ) -> None:
         self.n_clusters = n_clusters
+        self.k_range = k_range
         self.clip = clip
         self.pretrained = pretrained
         self.nouns = nouns
@@ -210,8 +219,8 @@ class SemanticClusterer:
         return self._fit(inputs, cfg, nouns, None if self.checkpoint_dir is None else Path(self.checkpoint_dir))
 
     def _fit(self, inputs: Inputs, cfg: Config, nouns: Any, work_dir: Optional[Path]) -> "SemanticClusterer":
-        k = int(self.n_clusters)
-        r = pipeline.fit(inputs, k=k, stage=self.stage, cfg=cfg, seed=self.seed, device=self._device(),
+        auto = self.n_clusters == "auto"
+        r = pipeline.fit(inputs, k=None if auto else int(self.n_clusters), k_range=tuple(self.k_range), stage=self.stage, cfg=cfg, seed=self.seed, device=self._device(),
                          encoder=self._encoder, nouns=self.nouns if nouns is None else nouns, work_dir=work_dir,
                          resume=self.resume, progress=self.progress,
                          keep_all_encoder_weights=self.pretrained is None or not isinstance(self.clip, (str, os.PathLike)))
@@ -224,6 +233,7 @@ class SemanticClusterer:
         self.skipped_ = r.report
         self.n_features_in_ = r.dim
         self.history_ = r.history
+        self.n_clusters_ = k = int(r.centers.shape[0])
         self.cluster_names_ = r.names
         self._config = cfg
         sizes = np.bincount(self.labels_[self.labels_ >= 0], minlength=k)
@@ -285,7 +295,7 @@ class SemanticClusterer:
     def predict_proba(self, X: InputLike) -> np.ndarray:
         """[N, K] cluster probabilities (rows of unreadable images are NaN)."""
         blocks, kept, n = self._features_for_prediction(X)
-        out = np.full((n, self.n_clusters), np.nan, dtype=np.float32)
+        out = np.full((n, self.n_clusters_), np.nan, dtype=np.float32)
         out[kept.cpu().numpy()] = torch.cat([p.cpu() for p in self._proba_chunks(blocks)]).numpy()
         return out
 
@@ -313,7 +323,7 @@ class SemanticClusterer:
         safetensors weights + JSON, atomically per file, the JSON last)."""
         self._check_fitted()
         name, pretrained, sha, custom = self._clip_record()
-        params = {"n_clusters": self.n_clusters, "stage": self.stage, "seed": self.seed, "clip": name,
+        params = {"n_clusters": self.n_clusters_, "stage": self.stage, "seed": self.seed, "clip": name,
                   "pretrained": pretrained, "checkpoint_sha256": sha, "custom_encoder": custom}
         return fitted.save(path, self.model_, params=params, dim=self.n_features_in_, history=self.history_,
                            cluster_centers=self.cluster_centers_, labels=self.labels_, confidences=self.confidences_,
@@ -335,6 +345,7 @@ class SemanticClusterer:
             raise ValueError(f"the CLIP checkpoint {p['pretrained']} changed since this model was saved (sha256 differs)")
         encoder = model._encoder() if meta["mode"] == fitted.EncoderModel.kind else None
         model.model_ = fitted.build(loaded, model._device(), encoder)
+        model.n_clusters_ = int(p["n_clusters"])
         model.mode_ = model.model_.kind
         t = loaded.tensors
         model.cluster_centers_ = t["cluster_centers"].numpy()

@@ -44,6 +44,22 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _k_or_auto(text: str) -> int | str:
+    """argparse type of `fit -k`: an int >= 2, or "auto" (estimated, see --k-range)."""
+    return "auto" if text == "auto" else _int_in(2)(text)
+
+
+def _k_range(text: str) -> tuple[int, int]:
+    """argparse type of `--k-range MIN,MAX`."""
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"must be MIN,MAX, got {text!r}")
+    lo, hi = (_int_in(2)(p.strip()) for p in parts)
+    if lo > hi:
+        raise argparse.ArgumentTypeError(f"MIN must be <= MAX, got {text!r}")
+    return lo, hi
+
+
 def _int_in(low: int, high: Optional[int] = None) -> Callable[[str], int]:
     """argparse type: an int in [low, high], so a bad value is a usage error before any work."""
     def parse(text: str) -> int:
@@ -233,7 +249,7 @@ def cmd_fit(a: argparse.Namespace) -> int:
     x = _fit_inputs(a.input, a.allow_incomplete)
     _seed_everything(a.seed)
     info = init_from_env()  # under torchrun: join the group; the fit then shards its phases
-    model = SemanticClusterer(a.k, clip=a.clip, pretrained=a.pretrained, nouns=nouns,
+    model = SemanticClusterer(a.k, k_range=a.k_range, clip=a.clip, pretrained=a.pretrained, nouns=nouns,
                               stage=a.stage, config=cfg, device=a.device or (str(info.device) if info.world > 1 else None),
                               seed=a.seed, progress=not a.no_progress and info.rank == 0,
                               checkpoint_dir=a.out, resume=a.resume)
@@ -242,8 +258,14 @@ def cmd_fit(a: argparse.Namespace) -> int:
         return 0
     out = model.save(a.out)
     np.save(out / LABELS_FILE, model.labels_)
-    counts = np.bincount(model.labels_[model.labels_ >= 0], minlength=a.k)
-    print(f"fitted {len(model.labels_)} samples into {a.k} clusters ({model.mode_}); sizes {counts.tolist()}")
+    k = model.n_clusters_
+    if model.history_.get("k_search"):
+        from .method.k_search import KSearch
+
+        print(f"estimated K = {k} within {tuple(a.k_range)}; the scores of every K tried:\n"
+              f"{KSearch(**model.history_['k_search']).table()}")
+    counts = np.bincount(model.labels_[model.labels_ >= 0], minlength=k)
+    print(f"fitted {len(model.labels_)} samples into {k} clusters ({model.mode_}); sizes {counts.tolist()}")
     print(_names_text(model.cluster_names_, counts))
     if model.skipped_.count:
         print(str(model.skipped_))
@@ -450,7 +472,9 @@ def _parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fit", help="cluster images, an image folder, or embeddings; write the model and labels")
     f.add_argument("input", type=_path, help="image folder, embedding store, or .npy/.pt/.safetensors embeddings")
-    f.add_argument("-k", type=_int_in(2), required=True, help="number of clusters")
+    f.add_argument("-k", type=_k_or_auto, required=True, help="number of clusters, or auto (estimated within --k-range)")
+    f.add_argument("--k-range", type=_k_range, default=(2, 200), metavar="MIN,MAX",
+                   help="the K searched by -k auto (default 2,200)")
     f.add_argument("--out", type=_path, required=True, help="run directory (model + labels.npy)")
     f.add_argument("--nouns", type=_path, help="'default', 'wordnet', a word file, or noun embeddings (.npy/.pt/.safetensors)")
     f.add_argument("--stage", type=int, choices=(1, 2), default=2)

@@ -26,7 +26,7 @@ from .config import Config
 from .inputs.classify import Inputs
 from .inputs.sources import KeptSource, SkipReport, Source, TensorSource, iter_batches
 from .inputs.store import EmbeddingStore
-from .method import counterparts, neighbours, stage1, stage2
+from .method import counterparts, k_search, neighbours, stage1, stage2
 from .method.counterparts import SemanticSpace
 from .model import AdapterModel, ClusterNames, EncoderModel, FittedModel, Stage1Model
 from .runtime import rows
@@ -153,7 +153,7 @@ def noun_bank(nouns: Any, dim: int, encoder: Callable[[], Any], progress: bool) 
     return t
 
 
-def run_id(inputs: Inputs, u: Optional[Tensor], bank: Tensor, k: int, seed: int, cfg: Config) -> str:
+def run_id(inputs: Inputs, u: Optional[Tensor], bank: Tensor, k: Any, seed: int, cfg: Config) -> str:
     """What a workspace must match to be reused: the data, the nouns, K, the seed and
     the settings of the phases it caches."""
     data = inputs.store.fingerprint() if inputs.store is not None else fingerprint(u)
@@ -238,25 +238,34 @@ def name_clusters(v: Tensor, labels: Tensor, bank: Tensor, names: list[str], k: 
 
 # ---- the fit ---------------------------------------------------------------------------
 
-def fit(inputs: Inputs, *, k: int, stage: int, cfg: Config, seed: int, device: torch.device,
+def fit(inputs: Inputs, *, k: Optional[int], stage: int, cfg: Config, seed: int, device: torch.device,
         encoder: Callable[[], Any], nouns: Any, work_dir: Optional[Path], resume: bool, progress: bool,
-        keep_all_encoder_weights: bool) -> FitResult:
+        keep_all_encoder_weights: bool, k_range: tuple[int, int] = (2, 200)) -> FitResult:
     """Every phase of a fit, in order (see the module doc). `encoder()` gives the CLIP
-    encoder (loaded on first call), needed for images and for word nouns."""
+    encoder (loaded on first call), needed for images and for word nouns. k=None: K is
+    estimated within `k_range` (phase "k_search") after the rows are in place."""
     phases = Phases()
     nouns = resolve_nouns(nouns)
     with phases("encode"):
-        enc = encode(inputs, encoder, k, cfg, device, progress)
+        enc = encode(inputs, encoder, k if k is not None else k_range[0], cfg, device, progress)
     u = enc.u
     with phases("nouns"):
         bank_all = noun_bank(nouns, inputs.store.dim if u is None else u.shape[1], encoder, progress)
     # closed when the fit ends or fails: its lock keeps a second run out of work_dir until then
-    with Workspace(work_dir, run_id(inputs, u, bank_all, k, seed, cfg), fresh=not resume) as ws:
+    # an estimated K is part of the run: the search is deterministic for the data and seed
+    searched = k is None
+    key = {"auto": list(k_range)} if searched else k
+    with Workspace(work_dir, run_id(inputs, u, bank_all, key, seed, cfg), fresh=not resume) as ws:
         if u is None:
             with phases("store"):
                 u = store_rows(inputs.store, ws, cfg, progress).to(device)
         n, d = u.shape
         bank_all = bank_all.to(device)
+        if searched:
+            with phases("k_search"):
+                search = k_search.estimate_k(u, bank_all, k_range, cfg, seed)
+            k = search.k
+            log.info("estimated K = %d within %s:\n%s", k, tuple(k_range), search.table())
         with phases("kmeans"):
             space = semantic_space(u, bank_all, k, cfg, seed, progress)
             bank = space.bank(bank_all)
@@ -284,6 +293,7 @@ def fit(inputs: Inputs, *, k: int, stage: int, cfg: Config, seed: int, device: t
             "stage1": r1.history, "stage2": history2, "seconds": phases.seconds, "phases": phases.rows,
             "kmeans_objective": space.kmeans_objective, "nouns_total": int(bank_all.shape[0]),
             "nouns_selected": int(bank.shape[0]), "skipped": enc.report.count, "knn_recall": recall,
+            "k_search": search.to_dict() if searched else None,
         }
         log.info("fit phases:\n%s", phases.table())
         return FitResult(model, r1.labels, labels, conf, centers, enc.kept, enc.n_total, d, enc.report, history, names)

@@ -1,6 +1,9 @@
 """Estimating K: finds the true K on well-separated blobs, respects k_range, one score
 row per K tried with every criterion, checks its input, deterministic for a seed."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -95,3 +98,35 @@ def test_deterministic_for_a_seed_and_runs_on_a_sample():
     b = estimate_k(u, nouns, (2, 10), seed=3, sample=400, points=6, rounds=1)
     assert a.k == b.k and a.scores == b.scores
     assert a.sample == 400  # max(sample, 20 k_max) rows of the 900
+
+
+def test_auto_k_through_the_estimator_and_the_cli(tmp_path, capsys):
+    """n_clusters="auto": the fit runs at the estimated K, keeps the scores, saves and
+    reloads as a fixed-K model; `fit -k auto` prints the search."""
+    from semclust import SemanticClusterer
+    from semclust.cli import main
+    from semclust.config import Config
+
+    u, nouns, _ = _blobs(k=5, n=400)
+    cfg = Config()
+    cfg.stage1.epochs, cfg.stage1.batch_size, cfg.neighbours.k, cfg.stage1.hidden = 2, 64, 5, 32
+    m = SemanticClusterer("auto", k_range=(2, 12), clip=None, stage=1, config=cfg, device="cpu", progress=False)
+    m.fit(u, nouns=nouns)
+    search = m.history_["k_search"]
+    assert m.n_clusters_ == search["k"] == 5 and m.n_clusters == "auto"
+    assert m.predict_proba(u).shape == (400, 5)
+    assert all(2 <= s["k"] <= 12 for s in search["scores"])
+    back = SemanticClusterer.load(m.save(tmp_path / "run"))
+    assert back.n_clusters == back.n_clusters_ == 5
+    np.save(tmp_path / "u.npy", u.numpy())
+    np.save(tmp_path / "t.npy", nouns.numpy())
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    assert main(["fit", str(tmp_path / "u.npy"), "-k", "auto", "--k-range", "2,12", "--out", str(tmp_path / "cli"),
+                 "--nouns", str(tmp_path / "t.npy"), "--stage", "1", "--config", str(tmp_path / "cfg.json"),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "estimated K = 5 within (2, 12)" in out and "into 5 clusters" in out
+    with pytest.raises(SystemExit):
+        main(["fit", str(tmp_path / "u.npy"), "-k", "auto", "--k-range", "9,3", "--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="k_range"):
+        SemanticClusterer("auto", k_range=(1, 5), clip=None).fit(u, nouns=nouns)
