@@ -42,6 +42,22 @@ def save_checkpoint(encoder: ClipEncoder, path: str | Path) -> Path:
     return path
 
 
+# three well-separated colours: the tiny random CLIP tells them apart, so a fit has classes
+CLASS_COLOURS = ((220, 30, 30), (30, 200, 40), (30, 40, 220))
+
+
+def write_colour_classes(images: Path, per_class: int = 8, seed: int = 0) -> np.random.Generator:
+    """`images/class_<c>/img_<i>.png`: `per_class` noisy 40x48 PNGs of each of CLASS_COLOURS.
+    Returns the generator, for callers that draw more files from the same stream."""
+    rng = np.random.default_rng(seed)
+    for c, colour in enumerate(CLASS_COLOURS):
+        (images / f"class_{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 25, (40, 48, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(images / f"class_{c}" / f"img_{i:02d}.png")
+    return rng
+
+
 def write_random_pngs(root: str | Path, n: int = 8, size: tuple[int, int] = (40, 48), n_classes: int = 0,
                       corrupt: int = 0, seed: int = 0) -> list[Path]:
     """Write `n` random RGB PNGs (H, W = size) under `root`, plus `corrupt` bad ".png" files.

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_fixtures import TINY_CLIP_CONFIG, save_checkpoint, tiny_encoder, torch_single_thread
+from clip_fixtures import (TINY_CLIP_CONFIG, save_checkpoint, tiny_encoder, torch_single_thread,
+                           write_colour_classes)
 from semclust.api import CONFIG_FILE, SemanticClusterer
 from semclust.cli import main
 from semclust.inputs.sources import ImageSource
@@ -24,7 +25,6 @@ __all__ = ["torch_single_thread"]  # fixture used below
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 TINY = str(TINY_CLIP_CONFIG)
-CLASS_COLOURS = ((220, 30, 30), (30, 200, 40), (30, 40, 220))
 PER_CLASS = 8
 N_GOOD, N_ALL = 3 * PER_CLASS, 3 * PER_CLASS + 2
 # tiny run settings for `fit --config`
@@ -57,12 +57,7 @@ def workdir(tmp_path_factory):
     checkpoint, a noun file, a config file and ground truth for the image folder."""
     root = tmp_path_factory.mktemp("cli")
     images = root / "images"
-    rng = np.random.default_rng(0)
-    for c, colour in enumerate(CLASS_COLOURS):
-        (images / f"class_{c}").mkdir(parents=True)
-        for i in range(PER_CLASS):
-            pixels = np.clip(np.array(colour) + rng.normal(0, 25, (40, 48, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(images / f"class_{c}" / f"img_{i:02d}.png")
+    rng = write_colour_classes(images, PER_CLASS)
     jpeg = images / "class_0" / "broken.jpg"
     Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(jpeg)
     jpeg.write_bytes(jpeg.read_bytes()[:200])

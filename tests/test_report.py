@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_fixtures import TINY_CLIP_CONFIG, save_checkpoint, tiny_encoder, torch_single_thread
+from clip_fixtures import (TINY_CLIP_CONFIG, save_checkpoint, tiny_encoder, torch_single_thread,
+                           write_colour_classes)
 from semclust import model as fitted
 from semclust.cli import main
 from semclust.config import Config
@@ -28,7 +29,6 @@ from semclust.report import cluster_stats, image_items, pick_samples, thumbnail_
 __all__ = ["torch_single_thread"]  # fixture used below
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
-CLASS_COLOURS = ((220, 30, 30), (30, 200, 40), (30, 40, 220))
 PER_CLASS = 8
 # a uniform balance prior keeps the tiny fit from collapsing, so every cluster has members
 SMALL_CONFIG = {
@@ -81,12 +81,7 @@ def image_run(tmp_path_factory):
     that is no image, so one row is unreadable), and the classes as ground truth."""
     root = tmp_path_factory.mktemp("report")
     images = root / "images"
-    rng = np.random.default_rng(0)
-    for c, colour in enumerate(CLASS_COLOURS):
-        (images / f"class_{c}").mkdir(parents=True)
-        for i in range(PER_CLASS):
-            pixels = np.clip(np.array(colour) + rng.normal(0, 25, (40, 48, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(images / f"class_{c}" / f"img_{i:02d}.png")
+    write_colour_classes(images, PER_CLASS)
     (images / "class_1" / "fake.png").write_bytes(b"this is not an image")
     save_checkpoint(tiny_encoder(seed=1), root / "tiny.pt")
     (root / "words.txt").write_text("cat\ndog\ncar\ntree\nhouse\nbird\nfish\nboat\nplane\nflower\n")
