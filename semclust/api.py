@@ -220,8 +220,9 @@ class SemanticClusterer:
 
     def _fit(self, inputs: Inputs, cfg: Config, nouns: Any, work_dir: Optional[Path]) -> "SemanticClusterer":
         auto = self.n_clusters == "auto"
-        r = pipeline.fit(inputs, k=None if auto else int(self.n_clusters), k_range=tuple(self.k_range), stage=self.stage, cfg=cfg, seed=self.seed, device=self._device(),
-                         encoder=self._encoder, nouns=self.nouns if nouns is None else nouns, work_dir=work_dir,
+        r = pipeline.fit(inputs, k=None if auto else int(self.n_clusters), k_range=tuple(self.k_range),
+                         stage=self.stage, cfg=cfg, seed=self.seed, device=self._device(), encoder=self._encoder,
+                         nouns=self.nouns if nouns is None else nouns, work_dir=work_dir,
                          resume=self.resume, progress=self.progress,
                          keep_all_encoder_weights=self.pretrained is None or not isinstance(self.clip, (str, os.PathLike)))
         self.model_ = r.model

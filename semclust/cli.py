@@ -101,20 +101,14 @@ def _load_tensors(path: str, option: str) -> Any:
     """Embeddings [N, D] from the file the user gave as `option`; a file that is corrupt or
     holds anything but tensors (torch.load runs with weights_only=True, so no code ever
     runs) is one ValueError naming it, not torch's page-long traceback."""
-    from .inputs.embeddings import load_embeddings
+    from .inputs.embeddings import UnsafeTensorFile, load_embeddings
 
     try:
         return load_embeddings(path)
-    except pickle.UnpicklingError:
-        raise ValueError(f"cannot load {option} {path}: not a safe tensor file (torch.load(weights_only=True) "
-                         "refused it: it is corrupt or pickles objects other than tensors)") from None
+    except UnsafeTensorFile as e:
+        raise ValueError(f"cannot load {option} {path}: not a safe tensor file ({e.reason})") from None
     except ValueError as e:  # load_embeddings' own checks, and numpy's on a bad .npy
         raise ValueError(f"cannot load {option} {path}: {_first_line(e)}") from None
-    except OSError:  # the system's (permissions, I/O): main reports those itself
-        raise
-    except Exception as e:  # a corrupt file breaks torch's unpickler or safetensors in many ways (KeyError, EOFError ...)
-        raise ValueError(f"cannot load {option} {path}: not a safe tensor file "
-                         f"({type(e).__name__}: {_first_line(e)})") from None
 
 
 def _read_input(path: str) -> Any:

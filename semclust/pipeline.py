@@ -211,7 +211,7 @@ def noun_labels(nouns: Union[np.ndarray, Tensor, list[str]], index: Tensor) -> l
 
 
 @torch.no_grad()
-def name_clusters(v: Tensor, labels: Tensor, bank: Tensor, names: list[str], k: int, chunk: int,
+def name_clusters(v: Tensor, labels: Tensor, bank: Tensor, names: list[str], k: int,
                   top: int = NAMES_PER_CLUSTER) -> ClusterNames:
     """Per cluster its `top` nouns of the bank [W', D] (`names` [W']) nearest to the
     cluster's text-side centre, normalise(mean of its members' counterparts v [n, D]),
@@ -222,15 +222,9 @@ def name_clusters(v: Tensor, labels: Tensor, bank: Tensor, names: list[str], k: 
     5 seeds: "gap" 1.000 both, "k100" 0.940 both), because it follows the final labels
     (the text head is stage 1's) and gives an empty cluster no names.
     """
-    b = bank.float()
-    sums = torch.zeros(k, b.shape[1], device=b.device)
-    counts = torch.zeros(k, device=b.device)
-    # `chunk` rows at a time: v may be a memory-mapped [N, D] fp16 workspace array
-    for lo in range(0, v.shape[0], chunk):
-        lab = labels[lo : lo + chunk].to(b.device)
-        sums.index_add_(0, lab, v[lo : lo + chunk].to(b.device).float())
-        counts += torch.bincount(lab, minlength=k)
-    scores = torch.nn.functional.normalize(sums, dim=1) @ b.T  # [K, W'] cosines
+    # the op reads v (perhaps a memory-mapped [N, D] fp16 workspace array) in row chunks
+    centres, counts = ops.center_update(v, k, labels=labels.to(v.device))
+    scores = centres.float().to(bank.device) @ bank.float().T  # [K, W'] cosines
     best, idx = scores.topk(min(top, bank.shape[0]), dim=1)
     return [[] if counts[c] == 0 else [(names[j], round(s, 4)) for s, j in zip(best[c].tolist(), idx[c].tolist(), strict=True)]
             for c in range(k)]
@@ -251,10 +245,10 @@ def fit(inputs: Inputs, *, k: Optional[int], stage: int, cfg: Config, seed: int,
     u = enc.u
     with phases("nouns"):
         bank_all = noun_bank(nouns, inputs.store.dim if u is None else u.shape[1], encoder, progress)
-    # closed when the fit ends or fails: its lock keeps a second run out of work_dir until then
     # an estimated K is part of the run: the search is deterministic for the data and seed
     searched = k is None
     key = {"auto": list(k_range)} if searched else k
+    # closed when the fit ends or fails: its lock keeps a second run out of work_dir until then
     with Workspace(work_dir, run_id(inputs, u, bank_all, key, seed, cfg), fresh=not resume) as ws:
         if u is None:
             with phases("store"):
@@ -288,7 +282,7 @@ def fit(inputs: Inputs, *, k: Optional[int], stage: int, cfg: Config, seed: int,
         else:
             centers, _ = ops.center_update(u, k, labels=labels.to(u.device))
         with phases("names"):
-            names = name_clusters(v, labels, bank, noun_labels(nouns, space.noun_index), k, cfg.chunks.assign)
+            names = name_clusters(v, labels, bank, noun_labels(nouns, space.noun_index), k)
         history = {
             "stage1": r1.history, "stage2": history2, "seconds": phases.seconds, "phases": phases.rows,
             "kmeans_objective": space.kmeans_objective, "nouns_total": int(bank_all.shape[0]),

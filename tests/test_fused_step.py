@@ -76,7 +76,7 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor, min_scale: float = 1e-3) -> floa
     large gradient are judged by the gradient's size). The scale never drops below
     `min_scale` (1e-3): where symmetry makes the exact answer 0 (all-equal logits),
     round-off is judged against the smallest gradient scale of these tests, not against zero."""
-    x, ref = x.detach().double(), ref.detach().double()
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()  # either may be a CUDA tensor
     assert x.shape == ref.shape and bool(torch.isfinite(x).all())
     return float((x - ref).abs().max()) / max(float(ref.abs().max()), min_scale)
 

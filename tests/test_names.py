@@ -61,7 +61,7 @@ def word_model(gap):
 def test_name_clusters_nearest_nouns_to_the_text_centre():
     bank = torch.eye(4)
     v = torch.tensor([[1.0, 0.3, 0, 0], [1.0, 0.1, 0, 0], [0, 0, 0.6, 0.8]])
-    names = name_clusters(v, torch.tensor([0, 0, 2]), bank, ["a", "b", "c", "d"], k=3, chunk=2, top=2)
+    names = name_clusters(v, torch.tensor([0, 0, 2]), bank, ["a", "b", "c", "d"], k=3, top=2)
     assert [n for n, _ in names[0]] == ["a", "b"] and names[0][0][1] == pytest.approx(1 / 1.04 ** 0.5, abs=1e-4)
     assert names[1] == []  # empty cluster: no centre, no names
     assert [n for n, _ in names[2]] == ["d", "c"] and [s for _, s in names[2]] == pytest.approx([0.8, 0.6])

@@ -188,11 +188,13 @@ import importlib, json, os, platform, shutil, subprocess
 import torch
 out = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
        "cuda": torch.cuda.is_available(), "cpus": os.cpu_count()}
+unavailable = {}  # module -> why it did not import: a broken install must show, not read as absent
 try:
     import triton
     out["triton"] = triton.__version__
-except Exception:
+except Exception as e:  # not only ImportError: a triton that finds no usable CUDA raises others
     out["triton"] = None
+    unavailable["triton"] = f"{type(e).__name__}: {e}"
 if out["cuda"]:
     p = torch.cuda.get_device_properties(0)
     out.update(device_name=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
@@ -207,9 +209,11 @@ optional = {}
 for name in ("faiss", "open_clip", "sklearn", "hypothesis", "ftfy", "xdist"):
     try:
         optional[name] = getattr(importlib.import_module(name), "__version__", "present")
-    except Exception:
+    except Exception as e:  # faiss and open_clip can fail past ImportError (a missing symbol, a CUDA mismatch)
         optional[name] = None
+        unavailable[name] = f"{type(e).__name__}: {e}"
 out["optional"] = optional
+out["unavailable"] = unavailable
 print(json.dumps(out))
 """
 

@@ -17,24 +17,27 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from semclust import csrc, ops  # noqa: E402
 from semclust.csrc import ops as ext_ops  # noqa: E402
 from semclust.ops import dispatch  # noqa: E402
 from semclust.ops import reference as R  # noqa: E402
 
+# the CPU tests' inputs, runner and error measure: the CUDA kernel is held to the same ones
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+from test_fused_step import CASES, FIELDS, MIN_SCALE, rel_err, run  # noqa: E402
+from test_fused_step import make_inputs as _make_inputs  # noqa: E402
+
 CUDA = torch.device("cuda")
-KW = dict(cluster_tau=0.5, center_tau=0.1, w_instance=0.5, w_assignment=1.0, w_center=1.0, w_balance=2.0)
-FIELDS = ("loss", "instance", "assignment", "center", "balance", "marginal", "probs_i", "probs_t")
 # tests/test_fused_step.py's shapes (odd B, K = 2, K = 1000), then training-sized ones
 # whose row and column sums span many blocks
 SHAPES = [(7, 2, 16), (33, 10, 24), (5, 1000, 16), (64, 100, 64), (1, 3, 8), (512, 1000, 512), (4096, 100, 512)]
-CASES = ["random", "equal", "onehot", "empty"]
-MIN_SCALE = {"balance": 1.0}  # a KL near 0 is judged against the size of its two sums
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,41 +53,11 @@ def cuda_ext():
 def make_inputs(b, k, d, dtype, case="random", extras=True, seed=0):
     """(logits_i, logits_t, u, v, centers, prior) on the CPU; centers and prior None
     unless `extras`."""
-    g = torch.Generator().manual_seed(seed)
-    li = torch.randn(2 * b, k, generator=g, dtype=torch.float64)
-    lt = torch.randn(2 * b, k, generator=g, dtype=torch.float64)
-    if case == "equal":
-        li.fill_(0.3)
-        lt.fill_(-1.7)
-    elif case == "onehot":
-        li *= 1e3
-        lt *= 1e3
-    elif case == "empty":
-        li[:, k // 2 :] -= 60.0
-        lt[:, k // 2 :] -= 60.0
-    u = F.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=1)
-    v = F.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=1)
-    c = F.normalize(torch.randn(k, d, generator=g, dtype=torch.float64), dim=1) if extras else None
-    w = torch.exp(4.0 * torch.rand(k, generator=g, dtype=torch.float64) ** 2)
-    pi = w / w.sum() if extras else None
-    return tuple(None if t is None else t.to(dtype) for t in (li, lt, u, v, c, pi))
+    return _make_inputs(b, k, d, dtype, case=case, centers=extras, prior=extras, seed=seed)
 
 
 def to(inputs, device, dtype=None):
     return tuple(None if t is None else t.to(device=device, dtype=dtype or t.dtype) for t in inputs)
-
-
-def run(fn, li, lt, u, v, c, pi):
-    a, b = li.clone().requires_grad_(), lt.clone().requires_grad_()
-    r = fn(a, b, u, v, c, pi, **KW)
-    r.loss.backward()
-    return r, a.grad, b.grad
-
-
-def rel_err(x, ref, min_scale=1e-3):
-    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
-    assert x.shape == ref.shape and bool(torch.isfinite(x).all())
-    return float((x - ref).abs().max()) / max(float(ref.abs().max()), min_scale)
 
 
 def outputs(r, gi, gt):

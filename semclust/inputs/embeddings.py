@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,36 @@ def load_embeddings(path: PathLike, mmap: bool = False, dtype: torch.dtype | Non
     return t
 
 
+class UnsafeTensorFile(ValueError):
+    """A .pt/.pth/.safetensors file that is corrupt or pickles more than tensors. torch.load
+    runs with weights_only=True, so none of its code ran; `reason` says what refused it."""
+
+    def __init__(self, path: Path, cause: BaseException) -> None:
+        if isinstance(cause, pickle.UnpicklingError):
+            self.reason = ("torch.load(weights_only=True) refused it: it is corrupt or pickles objects "
+                           "other than tensors")
+        else:
+            first = next((line.strip() for line in str(cause).splitlines() if line.strip()), "")
+            self.reason = f"{type(cause).__name__}: {first[:200]}"
+        super().__init__(f"cannot load {path}: not a safe tensor file ({self.reason})")
+
+
+def _read_tensor_file(path: Path, mmap: bool) -> Tensor:
+    try:
+        if path.suffix.lower() in (".pt", ".pth"):
+            return _pick_tensor(torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), path)
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            if "embeddings" not in f.keys():
+                raise ValueError(f"{str(path)!r} has no tensor named 'embeddings' (found {list(f.keys())})")
+            return f.get_tensor("embeddings")
+    except (OSError, ValueError):  # the system's, and our own checks: each says what it is
+        raise
+    except Exception as e:  # a corrupt file breaks torch's unpickler or safetensors in many ways (KeyError, EOFError ...)
+        raise UnsafeTensorFile(path, e) from None
+
+
 def _read_embeddings(path: Path, mmap: bool) -> Tensor:
     if path.is_dir():
         shards = sorted(path.glob("*.npy"), key=_natural_key)
@@ -76,16 +107,8 @@ def _read_embeddings(path: Path, mmap: bool) -> Tensor:
     suffix = path.suffix.lower()
     if suffix == ".npy":
         return _read_npy(path, mmap)
-    if suffix in (".pt", ".pth"):
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        return _pick_tensor(obj, path)
-    if suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            if "embeddings" not in f.keys():
-                raise ValueError(f"{str(path)!r} has no tensor named 'embeddings' (found {list(f.keys())})")
-            return f.get_tensor("embeddings")
+    if suffix in (".pt", ".pth", ".safetensors"):
+        return _read_tensor_file(path, mmap)
     raise ValueError(
         f"unknown embedding format {suffix!r} for {str(path)!r}; "
         "use .npy, .pt/.pth, .safetensors or a folder of .npy shards"
