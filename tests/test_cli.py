@@ -109,7 +109,7 @@ HELP = {
     "predict": ["run", "input", "--out", "--device"],
     "report": ["run", "--images", "--labels", "--out", "--per-cluster"],
     "evaluate": ["run", "--labels", "--predictions", "--grid", "--images"],
-    "bench": ["ops", "step", "scale", "--json"],
+    "bench": ["ops", "step", "scale", "method", "k", "--json"],
 }
 
 
@@ -340,3 +340,15 @@ def test_argparse_errors_exit_2_and_name_the_command(capsys):
         main(["bench", "everything"])
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("semclust bench: error: ")
+
+
+def test_bench_runs_from_the_installed_package(tmp_path):
+    """`semclust bench` imports semclust.bench, not a checkout's benchmarks/ folder: it
+    runs from any working directory and hands the options after WHAT to the benchmark."""
+    out = tmp_path / "k.json"
+    r = subprocess.run([sys.executable, "-m", "semclust", "bench", "k", "--quick", "--sample", "1000", "--json", str(out)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(out.read_text())
+    assert row["scenario"] == "balanced" and 2 <= row["k"] <= 200
+    assert "within +-20% of the true K" in r.stdout

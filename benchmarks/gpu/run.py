@@ -17,9 +17,9 @@ or skipped part never stops the ones after it):
   tests_ext     benchmarks/gpu/test_cuda_ext.py: the extension's CUDA fused_step, which
                 nothing under tests/ runs (their ext tests use CPU tensors, as in CI)
   roofline      datasheet ceilings of the card and measured copy / GEMM rates
-  bench_ops     benchmarks/bench_ops.py on CUDA, with % of roofline per row
-  bench_step    benchmarks/bench_step.py on CUDA (the stage-1 step, eager vs ext)
-  scale         benchmarks/bench_scale.py: a streamed 1M-row fit on the GPU, per phase
+  bench_ops     semclust/bench/ops.py on CUDA, with % of roofline per row
+  bench_step    semclust/bench/step.py on CUDA (the stage-1 step, eager vs ext)
+  scale         semclust/bench/scale.py: a streamed 1M-row fit on the GPU, per phase
   tests_pipeline  tests/test_api.py and tests/test_streaming_fit.py, whose fits default to
                 the GPU where there is one; last, on the time the others leave
 tests/ops is left out: its backend matrix runs on CPU tensors only, as in CI.
@@ -350,7 +350,7 @@ def part_bench_ops(run: Run) -> dict:
     reports = []
     for i, args in enumerate(calls):
         path = run.work / f"bench_ops_{i}.json"
-        _checked(*run.python("-m", "benchmarks.bench_ops", *args, "--json", str(path)), "bench_ops")
+        _checked(*run.python("-m", "semclust.bench.ops", *args, "--json", str(path)), "bench_ops")
         reports.append(json.loads(path.read_text()))
     merged = {"environment": reports[0]["environment"], "rows": [r for rep in reports for r in rep["rows"]]}
     (run.out / "bench_ops.json").write_text(json.dumps(merged, indent=1))
@@ -369,7 +369,7 @@ def part_bench_step(run: Run) -> dict:
     path = run.out / "bench_step.json"
     args = ["--device", "cpu", "--quick"] if run.dry else ["--device", "cuda"]
     # torch.compile would recompile for each of the six shapes (minutes); eager vs ext is the GPU question
-    _checked(*run.python("-m", "benchmarks.bench_step", *args, "--no-ops", "--no-compile", "--json", str(path)),
+    _checked(*run.python("-m", "semclust.bench.step", *args, "--no-ops", "--no-compile", "--json", str(path)),
              "bench_step")
     report = json.loads(path.read_text())
     figures = {"json": path.name, "steps": [{"B": r["B"], "K": r["K"], "eager_ms": round(r["eager"]["median_ms"], 3),
@@ -387,7 +387,7 @@ def part_scale(run: Run) -> dict:
         args = ["--device", "cpu", "--n", "2000", "--k", "10", "--epochs", "1", "--kmeans-iters", "2"]
     else:  # exact kNN: on the GPU it is the fast path (IVF would run faiss on the host)
         args = ["--device", "cuda", "--n", "1000000", "--k", "1000"]
-    _checked(*run.python("-m", "benchmarks.bench_scale", *args, "--restarts", "1", "--knn", "exact", "--no-peers",
+    _checked(*run.python("-m", "semclust.bench.scale", *args, "--restarts", "1", "--knn", "exact", "--no-peers",
                          "--workdir", str(run.work / "scale"), "--json", str(path)), "bench_scale")
     row = json.loads(path.read_text())[0]
     phases = {p["phase"]: {k: round(v, 2) if isinstance(v, float) else v for k, v in p.items() if k != "phase"}

@@ -7,7 +7,7 @@ What it provides:
   * CPU fast paths (`assign.cpp`, `knn.cpp`, `center_update.cpp`, sharing `cpu_common.h`:
     a GEMM tile per thread with the op's epilogue fused onto it). Registered with the
     dispatcher because they beat the torch backend
-    (benchmarks/bench_step.py, 2-core AVX-512 CPU, 1 and 2 threads):
+    (semclust/bench/step.py, 2-core AVX-512 CPU, 1 and 2 threads):
       assign         1.2-1.5x faster; within 1.05-1.2x of a bare GEMM of the same shape
       knn            6-30x faster (no sort of the [chunk, N] scores); on a par with
                      faiss-cpu IndexFlatIP at D=512 (0.94-1.03x), 1.15-1.8x faster at

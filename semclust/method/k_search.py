@@ -40,7 +40,7 @@ for every k and cancels in b_i - a_i. The image centres come from the other half
 sample so that a row never scores against a centre it helped build (with K = 200 and
 ~20 rows a cluster, that bias is large).
 
-Measured (`benchmarks/bench_k.py`, 6 scenarios x 3 seeds, defaults): 13 of 18 runs
+Measured (`semclust/bench/k.py`, 6 scenarios x 3 seeds, defaults): 13 of 18 runs
 within +-20% of the true K (the issue asks for 80%): gap 3/3 (12, 10, 9), longtail10 3/3
 (8, 8, 9), k100 3/3 (90, 110, 90), superclass 3/3 at its sub-class level (73 x 3 for 80;
 20 is never chosen), balanced 1/3 (12, 15, 15: one grid step over 12), longtail100 0/3

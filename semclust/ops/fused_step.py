@@ -40,7 +40,7 @@ is `FusedStepFunction`.
 Dtypes: float32 and float64 are computed in their own precision; float16/bfloat16
 logits are computed in float32 and the gradients cast back.
 
-Speed (benchmarks/bench_step.py, 2-core AVX-512 CPU, D = 512): the fused loss forward +
+Speed (semclust/bench/step.py, 2-core AVX-512 CPU, D = 512): the fused loss forward +
 backward is 1.5-3x faster than the Python graph (fewer GEMMs: the [2K, 2K] cluster
 similarity is built from three K x K blocks and its gradient is one product, where
 autograd does four and two) and needs about half its peak memory at K = 1000. A whole

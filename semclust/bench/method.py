@@ -11,7 +11,7 @@ Per scenario and seed, all methods run on the same embeddings and nouns:
   ablations of stage 1       fixed balance (uniform prior), no centre target, mean of both heads,
                              TAC's counterparts with semclust's trainer (K <= --ablation-max-k)
 
-    python -m benchmarks.bench_method [--scenarios gap,longtail10] [--seeds 3] [--json out.json]
+    python -m semclust.bench.method [--scenarios gap,longtail10] [--seeds 3] [--json out.json]
 
 Not a timed test: prints mean +- std of ACC/NMI/ARI and seconds per method and scenario.
 Stage 1's seconds are the heads' training alone (counterparts and kNN are shared phases).

@@ -1,6 +1,6 @@
 """Scale: the streaming fit from an embedding store at N = 100k and 1M, and its peers.
 
-    python -m benchmarks.bench_scale [--quick] [--n 100000 1000000] [--k 100 1000]
+    python -m semclust.bench.scale [--quick] [--n 100000 1000000] [--k 100 1000]
                                      [--workdir DIR] [--device cpu|cuda] [--json out.json]
     semclust bench scale [--quick]
 
@@ -132,7 +132,7 @@ def run_faiss(store: Path, k_means: int, kmeans_iters: int, knn_k: int, knn: str
 
 def _child(args: list[str]) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    res = subprocess.run([sys.executable, "-m", "benchmarks.bench_scale", *args], capture_output=True, text=True, env=env)
+    res = subprocess.run([sys.executable, "-m", "semclust.bench.scale", *args], capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"bench_scale child {args} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])

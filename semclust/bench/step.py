@@ -1,6 +1,6 @@
 """The fused stage-1 training step and the extension's CPU op paths against their peers.
 
-    python -m benchmarks.bench_step [--quick] [--threads N] [--device cpu|cuda] [--json out.json]
+    python -m semclust.bench.step [--quick] [--threads N] [--device cpu|cuda] [--json out.json]
 
 Step rows (batch B in {512, 4096}, D = 512, K in {10, 100, 1000}; hidden 512, Adam):
   eager     heads forward on [2B, D] x 2, the Python loss graph of `stage1.train_stage1`

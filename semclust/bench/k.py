@@ -5,7 +5,7 @@ Per scenario and seed: the true K, the estimate of each criterion (the chosen on
 scores), whether the chosen estimate is within +-20% of the true K, and seconds.
 "superclass" has 20 classes of 4 sub-classes each: 20 and 80 both count as right.
 
-    python -m benchmarks.bench_k [--scenarios gap,k100] [--seeds 3] [--sample 8000] [--acc] [--json out.json]
+    python -m semclust.bench.k [--scenarios gap,k100] [--seeds 3] [--sample 8000] [--acc] [--json out.json]
 
 With --acc, also stage-1 ACC (`method.stage1.train_stage1`, the default Config, on all
 rows) at the estimate and at the true K, and the seconds of that fit at the true K
@@ -87,8 +87,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--restarts", type=int, default=None, help="k-means restarts per K (default: estimate_k's, 1)")
     p.add_argument("--acc", action="store_true", help="also stage-1 ACC at the estimate and at the true K")
+    p.add_argument("--quick", action="store_true", help="the balanced scenario, one seed (a smoke run)")
     p.add_argument("--json")
     a = p.parse_args(argv)
+    if a.quick:
+        a.scenarios, a.seeds = "balanced", 1
     rows = []
     for name in a.scenarios.split(","):
         for seed in range(a.seeds):

@@ -1,7 +1,7 @@
 """The fused ops against their peers: time, throughput, peak memory, and a correctness check.
 
-    python -m benchmarks.bench_ops [--device cuda|cpu] [--dtype fp32|fp16] [--quick] [--json out.json]
-    pytest benchmarks/bench_ops.py --benchmark-enable      # the pytest-benchmark functions
+    python -m semclust.bench.ops [--device cuda|cpu] [--dtype fp32|fp16] [--quick] [--json out.json]
+    pytest semclust/bench/ops.py --benchmark-enable      # the pytest-benchmark functions
 
 Rows per op:
   assign    semclust (triton) | bare GEMM x c^T of the same shape (the floor; "x GEMM" = ratio)
@@ -413,7 +413,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 # ---- pytest-benchmark ---------------------------------------------------------------------
 # Small fixed shapes; the Triton ones run where the backend can (CUDA, or CPU when the
-# interpreter is on, as in the test suite's conftest). `pytest benchmarks/bench_ops.py`.
+# interpreter is on, as in the test suite's conftest). `pytest semclust/bench/ops.py`.
 
 _DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
