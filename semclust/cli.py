@@ -1,4 +1,4 @@
-"""The `semclust` command: demo, embed, fit, predict, evaluate, report, bench.
+"""The `semclust` command: demo, embed, fit, predict, evaluate, report, reproduce, bench.
 
 Every expected failure ends in one line on stderr, ``semclust <command>: error: ...``,
 and an exit code: 2 for what the user gave (options, paths, config files, model
@@ -395,6 +395,49 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def _percent(value: Optional[float]) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def cmd_reproduce(a: argparse.Namespace) -> int:
+    from .reproduce import METRICS, PUBLISHED_BY, reproduce
+
+    cfg = _read_config(a.config)
+    if a.epochs is not None:
+        cfg.stage1.epochs = a.epochs
+    if a.stage2_epochs is not None:
+        cfg.stage2.epochs = a.stage2_epochs
+    out = Path(a.out or f"semclust-reproduce-{a.dataset}")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {str(out)!r} exists and is not a directory")
+    _must_exist(a.root, "--root")
+    _parent_must_exist(a.json, "--json")
+    nouns = _read_nouns(a.nouns)
+    _seed_everything(a.seed)
+    r = reproduce(a.dataset, a.root, out, pretrained=a.pretrained, clip=a.clip, config=cfg, nouns=nouns, stage=a.stage,
+                  seed=a.seed, device=a.device, batch_size=a.batch_size, workers=a.workers, resume=a.resume,
+                  progress=not a.no_progress)
+    view = r.preprocess
+    print(f"{r.title} ({r.dataset}): K = {r.k}, {r.splits['train']['images']} train and {r.splits['test']['images']} "
+          f"test images; CLIP {r.clip} ({r.pretrained}); images: shorter side to {view['resize']}, centre crop "
+          f"{'x'.join(map(str, view['crop']))} ({view['interpolation']})")
+    for name, split in r.splits.items():
+        print(f"{name} embeddings: {split['store']} ({'encoded now' if split['encoded_now'] else 'cached'})")
+    for note in r.notes:
+        print(f"note: {note}")
+    rows = [{"method": row["method"], **{m.upper(): _percent(row[m]) for m in METRICS},
+             "seconds": "–" if row["seconds"] is None else f"{row['seconds']:.1f}",
+             "published": "–" if row["published"] is None else " / ".join(_percent(row["published"][m]) for m in METRICS)}
+            for row in r.rows]
+    print(f"ACC / NMI / ARI in percent on the test split; published: {PUBLISHED_BY}"
+          + ("; stage 2 not run (--stage 1)" if a.stage == 1 else ""))
+    print(_table(rows, ["method", "ACC", "NMI", "ARI", "seconds", "published"]))
+    if a.json:
+        Path(a.json).write_text(json.dumps(r.to_dict(), indent=2))
+        print(f"results -> {a.json}")
+    return 0
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     # the benchmarks ship in the package (semclust.bench), so this works from an installed copy
     module = importlib.import_module(f"semclust.bench.{a.what}")
@@ -425,6 +468,7 @@ def cmd_build_ext(a: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     from .config import ChunkConfig
+    from .inputs.benchmarks import BENCHMARKS
     from .inputs.store import DEFAULT_SHARD_ROWS
 
     p = argparse.ArgumentParser(prog="semclust", description="Self-enhanced image clustering with cross-modal semantic consistency.",
@@ -435,13 +479,19 @@ def _parser() -> argparse.ArgumentParser:
                                                         "(as -v does, without the log)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp: argparse.ArgumentParser, clip: bool = False) -> None:
+    def common(sp: argparse.ArgumentParser, clip: bool = False, weights_required: bool = False) -> None:
         sp.add_argument("--seed", type=_int_in(0, SEED_MAX), default=0, help="random seed (default 0)")
         sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
         sp.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
         if clip:
             sp.add_argument("--clip", default="ViT-B-32", help="open_clip model name or model-config .json")
-            sp.add_argument("--pretrained", default="openai", help="open_clip pretrained tag or local checkpoint file")
+            weights = {"required": True} if weights_required else {"default": "openai"}
+            sp.add_argument("--pretrained", **weights, help="open_clip pretrained tag or local checkpoint file")
+
+    def encoding(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--batch-size", type=_int_in(1), default=ChunkConfig.encode_batch_size)
+        sp.add_argument("--workers", type=_int_in(0), default=min(4, max(1, (os.cpu_count() or 2) - 1)),
+                        help="worker processes decoding images while the model encodes (default: min(4, cores - 1); 0: none)")
 
     d = sub.add_parser("demo", help="run the method on the built-in synthetic set and print k-means vs stage 1 vs stage 2")
     common(d)
@@ -455,9 +505,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("embed", help="encode an image folder into an fp16 embedding store (resumable)")
     e.add_argument("images", type=_path, help="image folder")
     e.add_argument("--out", type=_path, required=True, help="store directory")
-    e.add_argument("--batch-size", type=_int_in(1), default=ChunkConfig.encode_batch_size)
-    e.add_argument("--workers", type=_int_in(0), default=min(4, max(1, (os.cpu_count() or 2) - 1)),
-                   help="worker processes decoding images while the model encodes (default: min(4, cores - 1); 0: none)")
+    encoding(e)
     e.add_argument("--shard-rows", type=_int_in(1), default=DEFAULT_SHARD_ROWS, help="rows per shard file (a killed run resumes at the last whole shard)")
     common(e, clip=True)
     e.set_defaults(fn=cmd_embed)
@@ -512,6 +560,28 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--per-cluster", type=_int_in(0), default=8,
                     help="thumbnails per cluster, half most and half least confident (default 8; 2000 in all at most)")
     rp.set_defaults(fn=cmd_report)
+
+    rr = sub.add_parser("reproduce", help="a paper benchmark from its usual layout: k-means, TAC (training-free, "
+                                          "heads), stage 1 and stage 2 beside TAC's published ACC / NMI / ARI",
+                        description="Reads DATASET from --root (never downloads), caches its embeddings under --out, "
+                                    "trains every method on the train split and scores it on the test split "
+                                    "(semclust.reproduce explains the protocol and the preprocessing).")
+    rr.add_argument("dataset", choices=BENCHMARKS, help="the benchmark; K is its class count")
+    rr.add_argument("--root", type=_path, required=True,
+                    help="folder holding the dataset in its usual layout (semclust.inputs.benchmarks.load_benchmark)")
+    rr.add_argument("--out", type=_path, help="embedding stores and the fit's working files "
+                                              "(default ./semclust-reproduce-DATASET); a rerun encodes nothing again")
+    rr.add_argument("--json", type=_path, help="also write the results as JSON here")
+    rr.add_argument("--stage", type=int, choices=(1, 2), default=2, help="1 leaves out stage 2 (no images are "
+                                                                          "read after the encoding)")
+    rr.add_argument("--epochs", type=_int_in(0), help="stage-1 epochs (default from the config)")
+    rr.add_argument("--stage2-epochs", type=_int_in(0), help="stage-2 epochs (default from the config)")
+    rr.add_argument("--nouns", type=_path, help="'default', 'wordnet', a word file, or noun embeddings (.npy/.pt/.safetensors)")
+    rr.add_argument("--config", type=_path, help="JSON file with config overrides of the semclust fit (see semclust.config)")
+    rr.add_argument("--resume", action="store_true", help="continue a killed run in --out")
+    encoding(rr)
+    common(rr, clip=True, weights_required=True)
+    rr.set_defaults(fn=cmd_reproduce)
 
     b = sub.add_parser("bench", help="benchmarks against peers: ops, step (fused training step), scale (streaming fit, "
                                      "100k-1M), method (accuracy of each variant beside TAC), k (n_clusters='auto')",

@@ -90,8 +90,13 @@ def encode_source(encoder: Any, source: Source, batch_size: int, progress: bool)
 
 def encode(inputs: Inputs, encoder: Callable[[], Any], k: int, cfg: Config, device: torch.device,
            progress: bool) -> Encoded:
-    """Image features of the inputs (or, for a store, only its size), checked and unit-norm."""
-    if inputs.source is not None:
+    """Image features of the inputs (or, for a store, only its size), checked and unit-norm.
+
+    Images given with their features (`Inputs` holding a source and a store or embeddings,
+    as `semclust reproduce` passes a cached split) are not encoded again: the features
+    are used, and the images, one per row, are read by stage 2 only.
+    """
+    if inputs.store is None and inputs.embeddings is None:
         u, kept, report = encode_source(encoder(), inputs.source, cfg.chunks.encode_batch_size, progress)
         n_total = len(inputs.source)
     elif inputs.store is not None:
@@ -100,6 +105,8 @@ def encode(inputs: Inputs, encoder: Callable[[], Any], k: int, cfg: Config, devi
     else:
         u, n_total, report = inputs.embeddings, inputs.embeddings.shape[0], SkipReport()
         kept = torch.arange(n_total)
+    if inputs.source is not None and len(inputs.source) != n_total:
+        raise ValueError(f"the images ({len(inputs.source)}) and their features ({n_total} rows) differ in number")
     if u is not None:
         ops.validate.matrix("embeddings", u)
     if k > kept.numel():

@@ -1,6 +1,7 @@
 """Test helpers for anything that needs a CLIP model or image files (no downloads).
 
-Import the plain functions, or the pytest fixtures into a test module:
+Import the plain functions (the tiny CLIP, image folders, the benchmarks' own file
+formats), or the pytest fixtures into a test module:
 
     from clip_fixtures import tiny_clip, png_folder, tiny_encoder, write_random_pngs
     pytestmark = pytest.mark.usefixtures("torch_single_thread")  # optional, for speed
@@ -8,6 +9,7 @@ Import the plain functions, or the pytest fixtures into a test module:
 
 from __future__ import annotations
 
+import pickle
 from importlib import resources
 from pathlib import Path
 
@@ -82,6 +84,65 @@ def write_random_pngs(root: str | Path, n: int = 8, size: tuple[int, int] = (40,
             path.write_bytes(b"this is not an image")
         paths.append(path)
     return paths
+
+
+# ---- tiny copies of the benchmarks' own file formats (`semclust.inputs.benchmarks`) ----------
+
+def random_images(rng: np.random.Generator, n: int, side: int) -> np.ndarray:
+    """uint8 [n, side, side, 3] random RGB images."""
+    return rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+
+
+def cifar_rows(images: np.ndarray) -> np.ndarray:
+    """uint8 [n, 32, 32, 3] -> the official rows [n, 3072]: the R plane, then G, then B,
+    each 32x32 row-major."""
+    return np.stack([np.concatenate([im[:, :, c].flatten(order="C") for c in range(3)]) for im in images])
+
+
+def write_py2_style_pickle(path: Path, obj: object) -> None:
+    # the official files were written by Python 2 with numpy 1.x: protocol 2, numpy.core
+    blob = pickle.dumps(obj, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    path.write_bytes(blob)
+
+
+def write_cifar10(root: Path, rng: np.random.Generator, per_file: int = 2) -> dict[str, tuple[np.ndarray, list[int]]]:
+    """`root/cifar-10-batches-py/`: data_batch_1..5 and test_batch of `per_file` random
+    images each (labels drawn from 0..9) and batches.meta naming the classes c0..c9.
+    Returns file name -> (images [per_file, 32, 32, 3], labels)."""
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    data = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        imgs, labels = random_images(rng, per_file, 32), rng.integers(0, 10, per_file).tolist()
+        write_py2_style_pickle(d / name, {"batch_label": name, "data": cifar_rows(imgs), "labels": labels})
+        data[name] = (imgs, labels)
+    write_py2_style_pickle(d / "batches.meta", {"label_names": [f"c{i}" for i in range(10)]})
+    return data
+
+
+def write_cifar100(root: Path, splits: dict[str, tuple[np.ndarray, list[int], list[int]]]) -> None:
+    """`root/cifar-100-python/<split>` per split (images [n, 32, 32, 3], fine labels,
+    coarse labels), with the bytes keys of the Python 2 originals; no meta file."""
+    d = root / "cifar-100-python"
+    d.mkdir(parents=True)
+    for split, (imgs, fine, coarse) in splits.items():
+        entry = {"data": cifar_rows(imgs), "fine_labels": fine, "coarse_labels": coarse}
+        with open(d / split, "wb") as f:
+            pickle.dump({k.encode(): v for k, v in entry.items()}, f, protocol=2)
+
+
+def write_stl10(root: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
+    """`root/stl10_binary/`: per split (images [n, 96, 96, 3], labels uint8 in 1..10)
+    <split>_X.bin, each image 3 planes of 96x96 in column-major order, and <split>_y.bin;
+    class_names.txt naming c0..c9. Returns the folder."""
+    d = root / "stl10_binary"
+    d.mkdir(parents=True)
+    for split, (imgs, labels) in splits.items():
+        raw = np.stack([np.concatenate([im[:, :, c].flatten(order="F") for c in range(3)]) for im in imgs])
+        raw.tofile(d / f"{split}_X.bin")
+        np.asarray(labels, dtype=np.uint8).tofile(d / f"{split}_y.bin")
+    (d / "class_names.txt").write_text("\n".join(f"c{i}" for i in range(10)) + "\n")
+    return d
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from clip_fixtures import random_images, write_cifar10, write_cifar100, write_stl10
 from semclust.inputs.benchmarks import load_benchmark
 from semclust.inputs.embeddings import load_embeddings, load_labels
 from semclust.inputs.sources import (
@@ -171,32 +172,9 @@ def test_from_arrays():
 # --------------------------------------------------------------------------- benchmarks
 
 
-def images(n, side):
-    return RNG.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
-
-
-def cifar_rows(imgs):
-    """Official layout: per image the R plane, then G, then B, each 32x32 row-major."""
-    return np.stack([np.concatenate([im[:, :, c].flatten(order="C") for c in range(3)]) for im in imgs])
-
-
-def write_py2_style_pickle(path: Path, obj) -> None:
-    # the official files were written by Python 2 with numpy 1.x: protocol 2, numpy.core
-    blob = pickle.dumps(obj, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
-    path.write_bytes(blob)
-
-
 @pytest.fixture
 def fake_cifar10(tmp_path):
-    d = tmp_path / "cifar-10-batches-py"
-    d.mkdir()
-    data = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        imgs, labels = images(2, 32), RNG.integers(0, 10, 2).tolist()
-        write_py2_style_pickle(d / name, {"batch_label": name, "data": cifar_rows(imgs), "labels": labels})
-        data[name] = (imgs, labels)
-    write_py2_style_pickle(d / "batches.meta", {"label_names": [f"c{i}" for i in range(10)]})
-    return tmp_path, data
+    return tmp_path, write_cifar10(tmp_path, RNG)
 
 
 def test_cifar10(fake_cifar10):
@@ -212,13 +190,8 @@ def test_cifar10(fake_cifar10):
 
 
 def test_cifar20_uses_coarse_labels(tmp_path):
-    d = tmp_path / "cifar-100-python"
-    d.mkdir()
-    imgs = images(4, 32)
-    for split in ("train", "test"):
-        entry = {"data": cifar_rows(imgs), "fine_labels": [99, 50, 3, 0], "coarse_labels": [19, 0, 7, 7]}
-        with open(d / split, "wb") as f:
-            pickle.dump({k.encode(): v for k, v in entry.items()}, f, protocol=2)  # bytes keys
+    imgs = random_images(RNG, 4, 32)
+    write_cifar100(tmp_path, {split: (imgs, [99, 50, 3, 0], [19, 0, 7, 7]) for split in ("train", "test")})
     src = load_benchmark("cifar20", tmp_path, split="test")
     assert src.labels.tolist() == [19, 0, 7, 7] and src.class_names is None
     assert np.array_equal(src.images, imgs)
@@ -238,18 +211,9 @@ def test_cifar_refuses_code_in_pickles(tmp_path):
 
 
 def test_stl10_column_major(tmp_path):
-    d = tmp_path / "stl10_binary"
-    d.mkdir()
-    data = {}
-    for split, n in (("train", 3), ("test", 2)):
-        imgs = images(n, 96)
-        # official layout: per image 3 planes, each 96x96 in column-major (Fortran) order
-        raw = np.stack([np.concatenate([im[:, :, c].flatten(order="F") for c in range(3)]) for im in imgs])
-        raw.tofile(d / f"{split}_X.bin")
-        labels = RNG.integers(1, 11, n).astype(np.uint8)
-        labels.tofile(d / f"{split}_y.bin")
-        data[split] = (imgs, labels)
-    (d / "class_names.txt").write_text("\n".join(f"c{i}" for i in range(10)) + "\n")
+    data = {split: (random_images(RNG, n, 96), RNG.integers(1, 11, n).astype(np.uint8))
+            for split, n in (("train", 3), ("test", 2))}
+    d = write_stl10(tmp_path, data)
     src = load_benchmark("stl10", tmp_path, split="all")
     assert src.images.shape == (5, 96, 96, 3)
     assert src.labels.tolist() == [int(y) - 1 for y in np.concatenate([data["train"][1], data["test"][1]])]

@@ -69,3 +69,13 @@ def test_semantic_selection_keeps_on_topic_nouns(method, extra):
         space = counterparts.select_nouns(data.embeddings, data.noun_embeddings, 10, SemanticSpaceConfig(kmeans_restarts=1))
         kept = {data.nouns[i] for i in space.noun_index}
         assert {n for n in data.nouns if n.startswith("class") and "noun" in n} <= kept
+
+
+@pytest.mark.parametrize("n,size", [(9, 8), (17, 8), (25, 8), (16, 8), (7, 8), (1, 8)])
+def test_stage1_batches_cover_every_row_once_and_none_is_a_single_row(n, size):
+    from semclust.method.stage1 import _batches
+
+    out = _batches(n, size, torch.Generator().manual_seed(0))
+    rows = torch.cat(out)
+    assert sorted(rows.tolist()) == list(range(n))  # nothing dropped, nothing twice
+    assert all(b.numel() >= 2 for b in out) or n == 1

@@ -34,6 +34,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> assign_impl(const at:
   const T inv_tau = static_cast<T>(1.0 / tau);
 #pragma omp parallel num_threads(nthr)
   {
+    const DenormalsAreZero daz;
     const int tid = omp_get_thread_num();
     double* colsum = partial.data() + static_cast<size_t>(tid) * K;
     std::vector<T> tile_sum(K);

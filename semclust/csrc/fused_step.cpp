@@ -73,6 +73,7 @@ std::pair<double, double> forward_rows(const StepBuffers<T>& s, const T* vcen, d
   const T inv_ctau = static_cast<T>(1.0 / center_tau);
 #pragma omp parallel num_threads(at::get_num_threads())
   {
+    const DenormalsAreZero daz;
     std::vector<T> trow(vcen ? K : 0);
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < nblk; ++blk) {
@@ -193,6 +194,7 @@ double cluster_infonce(const at::Tensor& a, const at::Tensor& b, at::Tensor ga, 
   const T inv_tau = static_cast<T>(1.0 / tau);
   const T coef = static_cast<T>(weight / K2);
   at::parallel_for(0, K2, 16, [&](int64_t r0, int64_t r1) {
+    const DenormalsAreZero daz;
     std::vector<T> srow(K2);
     for (int64_t r = r0; r < r1; ++r) {
       const T* mr = m + r * K2;
@@ -225,6 +227,7 @@ double cluster_infonce(const at::Tensor& a, const at::Tensor& b, at::Tensor ga, 
   const T* gt = Gt.data_ptr<T>();
   // A overwrites M row by row: row r of A needs only row r of M, G and G^T
   at::parallel_for(0, K2, 16, [&](int64_t r0, int64_t r1) {
+    const DenormalsAreZero daz;
     for (int64_t r = r0; r < r1; ++r) {
       T* mr = m + r * K2;
       const T* gr = g + r * K2;
@@ -257,6 +260,7 @@ std::vector<double> normalize_rows(at::Tensor S) {
   T* s = S.data_ptr<T>();
   std::vector<double> norms(K);
   at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {
+    const DenormalsAreZero daz;
     for (int64_t k = k0; k < k1; ++k) {
       T* r = s + k * D;
       double acc = 0.0;
@@ -277,6 +281,7 @@ void normalize_rows_backward(at::Tensor dC, const at::Tensor& C, const std::vect
   T* dc = dC.data_ptr<T>();
   const T* c = C.data_ptr<T>();
   at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {
+    const DenormalsAreZero daz;
     for (int64_t k = k0; k < k1; ++k) {
       T* g = dc + k * D;
       const T* cr = c + k * D;
@@ -305,6 +310,7 @@ double diagonal_ce(const at::Tensor& L, at::Tensor dL, double coef) {
   T* dl = dL.data_ptr<T>();
   std::vector<double> row_loss(K);
   at::parallel_for(0, K, 16, [&](int64_t r0, int64_t r1) {
+    const DenormalsAreZero daz;
     for (int64_t r = r0; r < r1; ++r) {
       const T* lr = l + r * K;
       T* gr = dl + r * K;
@@ -359,6 +365,7 @@ double center_infonce(const at::Tensor& p, const at::Tensor& q, const at::Tensor
 template <typename T>
 void backward_rows(T* P, T* G, int64_t B, int64_t K, const T* gbal) {
   at::parallel_for(0, 2 * B, kRowBlock, [&](int64_t r0, int64_t r1) {
+    const DenormalsAreZero daz;
     for (int64_t r = r0; r < r1; ++r) {
       const T* pr = P + r * K;
       T* gr = G + r * K;

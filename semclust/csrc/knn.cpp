@@ -4,7 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -40,7 +40,7 @@ inline void topk_insert(T* sc, int64_t* ix, int64_t& count, int64_t k, T s, int6
 }
 
 // Offer r[0..n) (database indices base..base+n) to one row's top-k. Most scores are below
-// the k-th best: test 16 at a time and visit only the ones above it.
+// the k-th best: test 16 (AVX-512) or 8 (AVX2) at a time and visit only the ones above it.
 template <typename T>
 inline void topk_scan(const T* r, int64_t n, int64_t base, int64_t self, T* sc, int64_t* ix, int64_t& count,
                       int64_t k) {
@@ -50,6 +50,21 @@ inline void topk_scan(const T* r, int64_t n, int64_t base, int64_t self, T* sc, 
   if constexpr (std::is_same_v<T, float>) {
     for (; j + 16 <= n; j += 16) {
       __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(r + j), _mm512_set1_ps(thr), _CMP_GT_OQ);
+      while (m) {
+        const int64_t v = j + __builtin_ctz(m);
+        m &= m - 1;
+        if (r[v] > thr && v != self) {
+          topk_insert(sc, ix, count, k, r[v], base + v);
+          thr = count < k ? -std::numeric_limits<T>::infinity() : sc[k - 1];
+        }
+      }
+    }
+  }
+#elif defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) {
+    for (; j + 8 <= n; j += 8) {
+      unsigned m = static_cast<unsigned>(
+          _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(r + j), _mm256_set1_ps(thr), _CMP_GT_OQ)));
       while (m) {
         const int64_t v = j + __builtin_ctz(m);
         m &= m - 1;

@@ -1,4 +1,5 @@
-"""Benchmark image sets from their usual on-disk layouts: CIFAR-10/20, STL-10, class folders.
+"""Benchmark image sets from their usual on-disk layouts: CIFAR-10/20, STL-10, class folders,
+ImageNet-1K.
 
 Nothing here downloads: each set is read from a local copy whose expected layout the
 loader's error message spells out. Pickled CIFAR batches are read with a restricted
@@ -49,18 +50,39 @@ _CIFAR = {
 }
 _STL10_URL = "https://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz"
 
-# Where to get the image-folder benchmarks; they are read as `<root>/<name>/...`.
-_FOLDER_SOURCES = {
-    "imagenet10": "the 10 ILSVRC-2012 classes of ImageNet-10 (class list in the DAC / TAC code), "
-    "images from https://image-net.org",
-    "imagenet-dogs": "the 15 dog classes of ImageNet-Dogs (class list in the DAC / TAC code), "
-    "images from https://image-net.org",
-    "dtd": "https://www.robots.ox.ac.uk/~vgg/data/dtd/ (its images/ folder is used as is)",
-    "ucf101": "frames extracted from https://www.crcv.ucf.edu/data/UCF101.php videos "
-    "(e.g. the middle frame of each clip), one folder per action",
-}
 
-BENCHMARKS: tuple[str, ...] = (*_CIFAR, "stl10", *_FOLDER_SOURCES)
+class _FolderFormat(NamedTuple):
+    dirname: str  # read as <root>/<dirname>/...
+    source: str  # where to get it
+    # the folder of each split, the first of these that exists (TAC's own copies name them
+    # trainval and val)
+    train_folders: tuple[str, ...] = ("train", "trainval")
+    test_folders: tuple[str, ...] = ("test", "val")
+
+
+_FOLDERS = {
+    "imagenet10": _FolderFormat(
+        "imagenet10", "the 10 ILSVRC-2012 classes of ImageNet-10 (class list in the DAC / TAC code), "
+        "images from https://image-net.org"),
+    "imagenet-dogs": _FolderFormat(
+        "imagenet-dogs", "the 15 dog classes of ImageNet-Dogs (class list in the DAC / TAC code), "
+        "images from https://image-net.org"),
+    "dtd": _FolderFormat("dtd", "https://www.robots.ox.ac.uk/~vgg/data/dtd/ (its images/ and labels/ folders as "
+                                "extracted)"),
+    "ucf101": _FolderFormat(
+        "ucf101", "frames extracted from https://www.crcv.ucf.edu/data/UCF101.php videos "
+        "(e.g. the middle frame of each clip), one folder per action"),
+    # ILSVRC-2012 as torchvision's ImageFolder reads it: its labelled held-out split is val
+    # (a test/ folder, when extracted, holds the unlabelled test images)
+    "imagenet1k": _FolderFormat(
+        "imagenet", "ILSVRC-2012 from https://image-net.org: train/ as extracted, val/ sorted into one "
+        "folder per wnid (e.g. by the valprep.sh of the PyTorch ImageNet example)", ("train",), ("val",)),
+}
+# DTD's split lists (labels/<list>.txt, one images/-relative path per line): split 1, with
+# its train and val lists trained on (TAC's trainval) and its test list scored
+_DTD_LISTS = {"train": ("train1", "val1"), "test": ("test1",)}
+
+BENCHMARKS: tuple[str, ...] = (*_CIFAR, "stl10", *_FOLDERS)
 _SPLITS = ("train", "test", "all")
 
 
@@ -76,9 +98,14 @@ def load_benchmark(name: str, root: PathLike, split: str = "train") -> ImageSour
         stl10          stl10_binary/{train,test}_{X,y}.bin (+ class_names.txt); the
                        unlabelled split is not used
         imagenet10, imagenet-dogs, dtd, ucf101
-                       <name>/<split>/<class>/<image> with split in {train, test}, or
-                       <name>/<class>/<image> (no split: every split is the whole set),
-                       or for DTD's archive <name>/images/<class>/<image>
+                       <name>/<split>/<class>/<image> with split in {train or trainval,
+                       test or val}, or <name>/<class>/<image> (no split: every split is
+                       the whole set)
+        dtd            also DTD's archive dtd/images/<class>/<image> with
+                       dtd/labels/{train1,val1,test1}.txt: split 1, train1 + val1 as
+                       "train", test1 as "test"; images/ without the lists is the whole set
+        imagenet1k     imagenet/{train,val}/<wnid>/<image>.JPEG (torchvision's ImageFolder
+                       layout, val sorted into wnid folders); split "test" reads val/
 
     Args:
         name: one of `BENCHMARKS`.
@@ -190,20 +217,38 @@ def _load_stl10(root: Path, split: str) -> ArrayImageSource:
 
 
 def _load_image_folder(root: Path, name: str, split: str) -> FileImageSource:
-    layout = f"<root>/{name}/<split>/<class>/<image> (split: train, test) or <root>/{name}/<class>/<image>"
-    folder = _dataset_dir(root, name, layout, _FOLDER_SOURCES[name])
-    if (folder / "images").is_dir():
-        folder = folder / "images"  # DTD's archive: images/<class>/, beside labels/ and imdb/
-    has_splits = any((folder / part).is_dir() for part in ("train", "test"))
-    if not has_splits:
+    fmt = _FOLDERS[name]
+    names = {"train": fmt.train_folders, "test": fmt.test_folders}
+    layout = (f"<root>/{fmt.dirname}/<split>/<class>/<image> (splits: {' or '.join(fmt.train_folders)}, "
+              f"{' or '.join(fmt.test_folders)}) or <root>/{fmt.dirname}/<class>/<image>")
+    folder = _dataset_dir(root, fmt.dirname, layout, fmt.source)
+    if (folder / "images").is_dir():  # DTD's archive: images/<class>/, beside labels/ and imdb/
+        lists = {part: [folder / "labels" / f"{f}.txt" for f in files] for part, files in _DTD_LISTS.items()}
+        if all(f.is_file() for files in lists.values() for f in files):
+            return _listed(folder / "images", [f for part in _split_parts(split) for f in lists[part]])
+        folder = folder / "images"
+    found = {part: next((folder / f for f in candidates if (folder / f).is_dir()), None)
+             for part, candidates in names.items()}
+    if not any(found.values()):
         if split != "all":
-            log.info("%s has no train/test folders: split %r is the whole set", folder, split)
+            log.info("%s has no split folders: split %r is the whole set", folder, split)
         return _class_folders([folder], name, layout)
-    parts = [folder / part for part in _split_parts(split)]
-    for part in parts:
-        if not part.is_dir():
-            raise FileNotFoundError(f"missing split folder {str(part)!r}. Expected layout: {layout}.")
-    return _class_folders(parts, name, layout)
+    for part in _split_parts(split):
+        if found[part] is None:
+            raise FileNotFoundError(f"no {' or '.join(names[part])} folder in {str(folder)!r}. Expected layout: "
+                                    f"{layout}. Get the data from {fmt.source} (semclust never downloads).")
+    return _class_folders([found[part] for part in _split_parts(split)], name, layout)
+
+
+def _listed(images: Path, lists: list[Path]) -> FileImageSource:
+    """The images the split lists name (one `<class>/<file>` path under `images` per line),
+    labels indexing their sorted class names."""
+    rel = [line.strip() for f in lists for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+    classes = [r.split("/", 1)[0] for r in rel]
+    class_names = sorted(set(classes))
+    index = {c: k for k, c in enumerate(class_names)}
+    return FileImageSource([images / r for r in rel], labels=np.array([index[c] for c in classes], dtype=np.int64),
+                           class_names=class_names)
 
 
 def _class_folders(folders: list[Path], name: str, layout: str) -> FileImageSource:

@@ -22,7 +22,9 @@ EMBEDDING_SUFFIXES = (".npy", ".pt", ".pth", ".safetensors")
 @dataclass
 class Inputs:
     embeddings: Optional[Tensor]  # [N, D] when given as features
-    source: Optional[Dataset]  # raw items when given as images / raw inputs
+    # raw items when given as images / raw inputs; beside a store or embeddings, the images
+    # their rows encode, one per row (a fit then encodes nothing and tunes on them in stage 2)
+    source: Optional[Dataset]
     store: Optional[EmbeddingStore] = None  # an embedding store, read memory-mapped in chunks
 
 

@@ -56,7 +56,8 @@ def _batches(n: int, size: int, g: torch.Generator) -> list[Tensor]:
     out = list(perm.split(size))
     # BatchNorm cannot normalise a batch of one: fold a lone last row into the previous batch
     if len(out) > 1 and out[-1].numel() < 2:
-        out[-2] = torch.cat([out[-2], out.pop()])
+        last = out.pop()  # popped first: out[-2] must name the batch before it, not after
+        out[-1] = torch.cat([out[-1], last])
     return out
 
 

@@ -29,9 +29,16 @@ def matrix(name: str, t: object, cols: int | None = None, finite: bool = True) -
 def finite_(name: str, t: Tensor, chunk_rows: int = 65536) -> None:
     # row chunks: a memory-mapped [N, D] input must not become an [N, D] bool mask
     rows = t if t.dim() > 1 else t[:, None]
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
     bad = 0
     for s in range(0, rows.shape[0], chunk_rows):
-        ok = torch.isfinite(rows[s : s + chunk_rows])
+        chunk = rows[s : s + chunk_rows]
+        # A sum is finite only if every term is (inf + x = inf, inf - inf = nan, nan + x =
+        # nan): one streaming read, several times cheaper than an isfinite mask. A finite
+        # chunk whose sum overflows takes the exact test below and passes it.
+        if bool(torch.isfinite(chunk.sum(dtype=acc))):
+            continue
+        ok = torch.isfinite(chunk)
         if not bool(ok.all()):
             bad += int((~ok).any(dim=-1).sum()) if t.dim() > 1 else int((~ok).sum())
     if bad:
