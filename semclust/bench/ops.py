@@ -176,9 +176,11 @@ def _unit_rows(n: int, d: int, device: torch.device, dtype: torch.dtype, seed: i
 
 
 class Bench:
-    def __init__(self, device: torch.device, dtype: torch.dtype, quick: bool, interpreter: bool) -> None:
+    def __init__(self, device: torch.device, dtype: torch.dtype, quick: bool, interpreter: bool,
+                 shapes: Optional[dict] = None, reps: Optional[int] = None) -> None:
         self.device, self.dtype, self.quick = device, dtype, quick
-        self.reps = 3 if quick else 10
+        self.shapes = shapes or {}
+        self.reps = reps or (3 if quick else 10)
         self.triton_reason = _prepare_triton(device)
         self.interp = device.type == "cpu"
         if self.interp and not interpreter and self.triton_reason is None:
@@ -186,7 +188,7 @@ class Bench:
         self.rows: list[Row] = []
 
     def size(self, op: str):
-        return SIZES[self.device.type][op][0 if self.quick else 1]
+        return self.shapes.get(op) or SIZES[self.device.type][op][0 if self.quick else 1]
 
     def run(self, op: str, impl: str, shape: str, fn: Callable[[], object], work: float, unit: str,
             triton: bool = False, note: str = "") -> tuple[Optional[Row], object]:
@@ -323,7 +325,9 @@ class Bench:
             self.rows.append(Row("kmeans", "faiss Kmeans", shape, note="unavailable: pip install faiss-cpu"))
         else:
             def faiss_km():
-                km = faiss.Kmeans(D, K, niter=iters, nredo=1, spherical=True, seed=0, verbose=False)
+                # the same work: every row in every step (faiss's default trains on 256 K rows)
+                km = faiss.Kmeans(D, K, niter=iters, nredo=1, spherical=True, seed=0, verbose=False,
+                                  max_points_per_centroid=N // K + 1)
                 km.train(xh)
                 return km.centroids, km.index.search(xh, 1)[1]
 
@@ -388,12 +392,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes, few repetitions (CPU: under a minute)")
     p.add_argument("--ops", default="assign,retrieve,knn,kmeans", help="comma-separated subset")
     p.add_argument("--no-interpreter", action="store_true", help="on CPU, skip the (slow) Triton interpreter rows")
+    p.add_argument("--reps", type=int, default=None, help="timed calls per row, the best kept (default 10, quick 3)")
+    p.add_argument("--threads", type=int, default=None, help="torch (and faiss) threads (default: torch's)")
+    p.add_argument("--shape", action="append", default=[], metavar="OP=N,K,D[,ITERS]",
+                   help="override an op's problem size (the tuple of SIZES), e.g. kmeans=100000,333,512,20")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+        faiss = _try_import("faiss")
+        if faiss is not None:
+            faiss.omp_set_num_threads(a.threads)
+    shapes = {}
+    for spec in a.shape:
+        op, _, dims = spec.partition("=")
+        try:
+            shapes[op.strip()] = tuple(int(v) for v in dims.split(","))
+        except ValueError:
+            p.error(f"--shape {spec!r}: expected OP=N,K,D[,ITERS] with integers")
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, None: torch.float16 if device.type == "cuda" else torch.float32}[a.dtype]
-    bench = Bench(device, dtype, a.quick, interpreter=not a.no_interpreter)
+    bench = Bench(device, dtype, a.quick, interpreter=not a.no_interpreter, shapes=shapes,
+                  reps=a.reps)
     env = environment(device, dtype, a.quick)
     print(f"semclust ops benchmark on {env['device']}, {env['dtype']}, torch {env['torch']}, triton {env['triton']}"
           f"{', quick' if a.quick else ''}", flush=True)

@@ -161,6 +161,17 @@ def bench_step(b: int, k: int, d: int, repeats: int, with_compile: bool) -> dict
             return li.grad
         return run
 
+    def heads_gemms():
+        """The floor of a step: the heads' forward and backward GEMMs alone, on the same
+        shapes (per head: x W1^T, h W2^T, then dW2 = g^T h, dh = g W2, dW1 = dh^T x)."""
+        for head, x in ((heads.image, x_i), (heads.text, x_t)):
+            w1, w2 = head.net[0].weight.detach(), head.net[3].weight.detach()
+            h = x @ w1.T
+            g = h @ w2.T
+            g.T @ h
+            dh = g @ w2
+            dh.T @ x
+
     row = {"B": b, "K": k, "D": d}
     impls = {"eager": fused_step_reference, "ext": fused_step_ext}
     if with_compile:
@@ -173,12 +184,15 @@ def bench_step(b: int, k: int, d: int, repeats: int, with_compile: bool) -> dict
             impls["compile"] = compiled
         except Exception as e:  # inductor needs a working compiler toolchain
             row["compile"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-    steps = timeit_many({name: make_step(fn) for name, fn in impls.items()}, repeats)
+    steps = timeit_many({**{name: make_step(fn) for name, fn in impls.items()}, "gemms": heads_gemms}, repeats)
+    row["gemms"] = steps.pop("gemms")
     loss_only = timeit_many({name: make_loss_only(fn) for name, fn in impls.items()}, repeats)
     for name, fn in impls.items():
         row.setdefault(name, {}).update(steps[name])
         row[name]["loss_only"] = loss_only[name]
         row[name]["peak_mb"] = peak_mb(make_step(fn))
+    for name in impls:  # the roofline: step time over its GEMMs' time (1.0 = nothing but the GEMMs)
+        row[name]["over_gemms"] = row[name]["median_ms"] / row["gemms"]["median_ms"]
     row["ext_speedup_step"] = row["eager"]["median_ms"] / row["ext"]["median_ms"]
     row["ext_speedup_loss"] = row["eager"]["loss_only"]["median_ms"] / row["ext"]["loss_only"]["median_ms"]
     return row
@@ -309,6 +323,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         flat = {"B": b, "K": k, "eager ms": row["eager"]["median_ms"], "ext ms": row["ext"]["median_ms"],
                 "compile ms": row.get("compile", {}).get("median_ms"),
                 "ext x step": row["ext_speedup_step"],
+                "GEMMs ms": row["gemms"]["median_ms"], "eager / GEMMs": row["eager"]["over_gemms"],
+                "ext / GEMMs": row["ext"]["over_gemms"],
                 "eager loss ms": row["eager"]["loss_only"]["median_ms"], "ext loss ms": row["ext"]["loss_only"]["median_ms"],
                 "ext x loss": row["ext_speedup_loss"],
                 "eager MB": row["eager"]["peak_mb"], "ext MB": row["ext"]["peak_mb"],
@@ -316,10 +332,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(_table([flat], list(flat)), flush=True)
         if "error" in row.get("compile", {}):
             print(f"  torch.compile: {row['compile']['error']}")
-    cols = ["B", "K", "eager ms", "compile ms", "ext ms", "ext x step", "eager loss ms", "ext loss ms", "ext x loss",
+    cols = ["B", "K", "eager ms", "compile ms", "ext ms", "ext x step", "GEMMs ms", "eager / GEMMs", "ext / GEMMs",
+            "eager loss ms", "ext loss ms", "ext x loss",
             "eager MB", "compile MB", "ext MB"]
     table_rows = [{"B": r["B"], "K": r["K"], "eager ms": r["eager"]["median_ms"], "compile ms": r.get("compile", {}).get("median_ms"),
                    "ext ms": r["ext"]["median_ms"], "ext x step": r["ext_speedup_step"],
+                   "GEMMs ms": r["gemms"]["median_ms"], "eager / GEMMs": r["eager"]["over_gemms"],
+                   "ext / GEMMs": r["ext"]["over_gemms"],
                    "eager loss ms": r["eager"]["loss_only"]["median_ms"], "ext loss ms": r["ext"]["loss_only"]["median_ms"],
                    "ext x loss": r["ext_speedup_loss"], "eager MB": r["eager"]["peak_mb"],
                    "compile MB": r.get("compile", {}).get("peak_mb"), "ext MB": r["ext"]["peak_mb"]} for r in steps]

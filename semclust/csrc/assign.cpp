@@ -38,6 +38,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> assign_impl(const at:
     const int tid = omp_get_thread_num();
     double* colsum = partial.data() + static_cast<size_t>(tid) * K;
     std::vector<T> tile_sum(K);
+    constexpr int64_t kChunk = 64;
+    const int64_t nchunks = (K + kChunk - 1) / kChunk;
+    std::vector<T> cmax_buf(nchunks);
+    T* cmax = cmax_buf.data();
     T* ts = tile_sum.data();
     at::Tensor buf = return_probs ? at::Tensor() : at::empty({rows, K}, opts);
 #pragma omp for schedule(static)
@@ -49,20 +53,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> assign_impl(const at:
       std::fill(ts, ts + K, T(0));
       for (int64_t i = 0; i < n; ++i) {
         T* __restrict r = o + i * K;
-        // the 1/tau scale rides inside the exp: one read-only pass for the max
+        // the 1/tau scale rides inside the exp: one read-only pass for the max, kept per
+        // chunk of kChunk so the label needs no scalar scan of the row (that scan cost as
+        // much as the exp pass at K = 1000)
         T m = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : m)
-        for (int64_t k = 0; k < K; ++k) m = std::max(m, r[k]);
+        for (int64_t c = 0; c < nchunks; ++c) {
+          const int64_t k0 = c * kChunk, k1 = std::min(K, k0 + kChunk);
+          T cm = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : cm)
+          for (int64_t k = k0; k < k1; ++k) cm = std::max(cm, r[k]);
+          cmax[c] = cm;
+          m = std::max(m, cm);
+        }
+        // the row's largest probability is exp(0) / sum; the label is the first index
+        // holding it (ties, including logits too close to tell apart after exp, go low):
+        // the first chunk whose max rounds to exp(.) == 1, then the first such entry in it
+        int64_t c = 0;
+        while (exp_((cmax[c] - m) * inv_tau) != T(1)) ++c;
+        int64_t arg = c * kChunk;
+        while (exp_((r[arg] - m) * inv_tau) != T(1)) ++arg;
         T sum = 0;
 #pragma omp simd reduction(+ : sum)
         for (int64_t k = 0; k < K; ++k) {
           r[k] = exp_((r[k] - m) * inv_tau);
           sum += r[k];
         }
-        // the row's largest probability is exp(0) / sum; the label is the first index
-        // holding it (ties, including logits too close to tell apart after exp, go low)
-        int64_t arg = 0;
-        while (arg + 1 < K && r[arg] != T(1)) ++arg;
         const T inv = T(1) / sum;
         lab[s + i] = arg;
         cf[s + i] = inv;

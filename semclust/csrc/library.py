@@ -75,7 +75,10 @@ CPU_SOURCES = ("bindings.cpp", "fused_step.cpp", "assign.cpp", "knn.cpp", "cente
 CPU_HEADERS = ("cpu_math.h", "cpu_common.h", "check_inputs.h")
 CUDA_SOURCES = ("fused_step.cu",)
 CUDA_HEADERS = ("check_inputs.h",)
-CPU_CFLAGS = ("-O3", "-march=native", "-fopenmp")
+# -fno-trapping-math (torch builds with it too) lets GCC if-convert the clamps of exp_ and
+# vectorise the softmax loops: without it they ran scalar, 2.5x slower. It changes no
+# result (no -ffast-math: inf / nan semantics and the order of sums are kept).
+CPU_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-fno-math-errno")
 CPU_LDFLAGS = ("-fopenmp",)
 CUDA_CFLAGS = ("-O3",)
 CUDA_NVCC_FLAGS = ("-O3",)  # no --use_fast_math: the kernels must match the CPU path and the reference
