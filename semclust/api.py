@@ -106,7 +106,8 @@ class SemanticClusterer:
     Args:
         n_clusters: K >= 2 (the only positional parameter), or "auto": K estimated from the
             data within `k_range` before the fit (`method.k_search.estimate_k`: the K whose
-            counterpart clusters the image features back most, on a row sample; the scores
+            counterpart clusters the image features back most, less the same score on a
+            structureless null reference (a gap statistic), on a row sample; the scores
             of every K tried are in ``history_["k_search"]``); the K used is ``n_clusters_``.
         k_range: (k_min, k_max) searched when n_clusters="auto".
         clip: an open_clip model name, a model-config .json, or an encoder object with

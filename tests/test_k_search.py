@@ -1,5 +1,6 @@
-"""Estimating K: finds the true K on well-separated blobs, respects k_range, one score
-row per K tried with every criterion, checks its input, deterministic for a seed."""
+"""Estimating K: finds the true K on well-separated blobs, scores nothing on data without
+clusters (the null reference cancels it), respects k_range, one score row per K tried
+with every criterion, checks its input, deterministic for a seed."""
 
 import json
 
@@ -10,8 +11,8 @@ from torch.nn import functional as F
 
 from semclust.method.k_search import CRITERIA, KSearch, choose, estimate_k, k_grid
 
-SCORE_KEYS = {"k", "cross_modal", "cross_modal_se", "cross_modal_vote", "silhouette", "image_silhouette", "agreement", "kappa",
-              "calinski_harabasz", "objective"}
+SCORE_KEYS = {"k", "cross_modal_gap", "gap_se", "cross_modal", "null_cross_modal", "silhouette", "image_silhouette",
+              "objective"}
 
 
 def _blobs(k=6, n=600, d=16, seed=0):
@@ -28,11 +29,25 @@ def _blobs(k=6, n=600, d=16, seed=0):
 @pytest.mark.parametrize("k", [4, 7])
 def test_finds_the_true_k_on_separated_blobs(k):
     u, nouns, _ = _blobs(k=k)
-    ks = estimate_k(u, nouns, (2, 12), points=11, rounds=1)
+    ks = estimate_k(u, nouns, (2, 12), points=11)
     assert [s["k"] for s in ks.scores] == list(range(2, 13))
     assert isinstance(ks, KSearch)
     assert ks.k == k
-    assert ks.criterion == "cross_modal" and not ks.at_range_end
+    assert ks.criterion == "cross_modal_gap" and not ks.at_range_end
+    at = {s["k"]: s for s in ks.scores}[k]
+    # real structure: the score stands well clear of its null reference
+    assert at["cross_modal"] > at["null_cross_modal"] + 10 * at["gap_se"]
+
+
+def test_no_clusters_scores_like_its_null():
+    """Images from one Gaussian (what the null reference draws): the gap stays near zero at
+    every K, far below the gap of the same number of rows in real clusters."""
+    u_blobs, nouns, _ = _blobs(k=5)
+    g = torch.Generator().manual_seed(1)
+    u = F.normalize(torch.randn(u_blobs.shape[0], u_blobs.shape[1], generator=g), dim=1)
+    flat = estimate_k(u, nouns, (2, 12), points=6)
+    clustered = estimate_k(u_blobs, nouns, (2, 12), points=6)
+    assert max(abs(s["cross_modal_gap"]) for s in flat.scores) < 0.25 * max(s["cross_modal_gap"] for s in clustered.scores)
 
 
 def test_k_range_is_respected_and_scores_have_every_criterion():
@@ -47,7 +62,7 @@ def test_k_range_is_respected_and_scores_have_every_criterion():
         assert all(isinstance(s[c], float) for c in SCORE_KEYS - {"k"})
     assert 1 <= len(ks.rounds) <= 2 and ks.rounds[0]["k0"] == 12
     assert ks.sample == u.shape[0] and ks.seconds > 0
-    assert "cross_modal" in ks.table() and isinstance(ks.to_dict()["scores"], list)
+    assert "cross_modal_gap" in ks.table() and isinstance(ks.to_dict()["scores"], list)
     # a single-K range tries that K only
     one = estimate_k(u, nouns, (5, 5), rounds=1)
     assert one.k == 5 and [s["k"] for s in one.scores] == [5]
@@ -62,10 +77,8 @@ def test_grid_is_geometric_distinct_and_inclusive():
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_each_criterion_chooses_its_argmax(criterion):
     u, nouns, _ = _blobs(k=5, n=300)
-    ks = estimate_k(u, nouns, (2, 10), points=5, rounds=1, criterion=criterion)
-    assert ks.k == choose(ks.scores, criterion)["k"]
-    if criterion != "cross_modal_1se":
-        assert ks.k == max(ks.scores, key=lambda d: (d[criterion], -d["k"]))["k"]
+    ks = estimate_k(u, nouns, (2, 10), points=5, criterion=criterion)
+    assert ks.k == choose(ks.scores, criterion)["k"] == max(ks.scores, key=lambda d: (d[criterion], -d["k"]))["k"]
 
 
 @pytest.mark.parametrize("k_range,match", [
@@ -85,7 +98,7 @@ def test_bad_inputs_error():
     with pytest.raises(ValueError, match="nouns must be"):
         estimate_k(u, nouns[:, :5])
     with pytest.raises(ValueError, match="criterion"):
-        estimate_k(u, nouns, (2, 5), criterion="bic")
+        estimate_k(u, nouns, (2, 5), criterion="cross_modal_1se")
     with pytest.raises(ValueError, match="sample"):
         estimate_k(u, nouns, (2, 5), sample=0)
     with pytest.raises(ValueError, match="restarts"):
@@ -94,8 +107,8 @@ def test_bad_inputs_error():
 
 def test_deterministic_for_a_seed_and_runs_on_a_sample():
     u, nouns, _ = _blobs(k=5, n=900)
-    a = estimate_k(u, nouns, (2, 10), seed=3, sample=400, points=6, rounds=1)
-    b = estimate_k(u, nouns, (2, 10), seed=3, sample=400, points=6, rounds=1)
+    a = estimate_k(u, nouns, (2, 10), seed=3, sample=400, points=6)
+    b = estimate_k(u, nouns, (2, 10), seed=3, sample=400, points=6, restarts=1, draws=1)  # the defaults
     assert a.k == b.k and a.scores == b.scores
     assert a.sample == 400  # max(sample, 20 k_max) rows of the 900
 
