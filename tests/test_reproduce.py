@@ -247,3 +247,10 @@ def test_help_names_the_options_and_datasets(capsys):
     assert out.startswith("usage: semclust reproduce")
     for word in ("--root", "--pretrained", "--clip", "--out", "--json", "--stage2-epochs", "--stage", *BENCHMARKS):
         assert word in out
+
+
+def test_every_reader_has_a_reproduce_entry():
+    """The CLI offers the readers' names; each must have its class count and published row."""
+    from semclust.inputs import benchmarks as readers
+
+    assert set(BENCHMARKS) == set(readers.BENCHMARKS)

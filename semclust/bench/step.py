@@ -211,12 +211,22 @@ def bench_ops(quick: bool, repeats: int) -> list[dict]:
     d = 512
     for n, k in ([(20000, 10), (20000, 100)] if quick else [(50000, 10), (50000, 100), (20000, 1000)]):
         x, c = unit(n, d), unit(k, d)
+        rows_per_tile = min(1024, max(16, (256 * 1024) // k))  # the ext kernel's tile (csrc/cpu_common.h)
+        tile = torch.empty(rows_per_tile, k)
+
+        def gemm_tiles():  # the kernel's own floor: the same GEMM, in its tiles, no epilogue
+            for s in range(0, n, rows_per_tile):
+                q = x[s : s + rows_per_tile]
+                torch.mm(q, c.T, out=tile[: q.shape[0]])
+
         ext_t = timeit(lambda: E.assign(x, c, 0.1, False), repeats)
         gemm_t = timeit(lambda: x @ c.T, repeats)
+        tiles_t = timeit(gemm_tiles, repeats)
         torch_t = timeit(lambda: R.assign(x, c, 0.1), repeats)
         rows.append({"op": "assign", "shape": f"N={n} K={k} D={d}", "ext_ms": ext_t["median_ms"],
                      "gemm_ms": gemm_t["median_ms"], "torch_ms": torch_t["median_ms"],
                      "ext_over_gemm": ext_t["median_ms"] / gemm_t["median_ms"],
+                     "tiles_ms": tiles_t["median_ms"], "ext_over_tiles": ext_t["median_ms"] / tiles_t["median_ms"],
                      "speedup_vs_torch": torch_t["median_ms"] / ext_t["median_ms"],
                      "ext_peak_mb": peak_mb(lambda: E.assign(x, c, 0.1, False)),
                      "torch_peak_mb": peak_mb(lambda: R.assign(x, c, 0.1))})
@@ -290,6 +300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch / OpenMP / faiss threads (default: torch's)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--no-ops", action="store_true", help="skip the CPU op rows")
+    p.add_argument("--no-steps", action="store_true", help="skip the step rows (only the CPU op rows)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall clock, or the process's CPU time (steadier with --threads 1 on a shared machine; "
                         "with more threads it also counts OpenMP's spin-waiting)")
@@ -311,6 +322,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ext.build(cuda=DEVICE.type == "cuda")
     repeats = 2 if a.quick else 5
     shapes = [(512, 10), (512, 100)] if a.quick else [(b, k) for b in (512, 4096) for k in (10, 100, 1000)]
+    if a.no_steps:
+        shapes = []
     meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(), "clock": a.clock, "torch": torch.__version__, "python": sys.version.split()[0],
             "ext": ext.build_name("cuda" if DEVICE.type == "cuda" else "cpu"),
@@ -342,11 +355,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "eager loss ms": r["eager"]["loss_only"]["median_ms"], "ext loss ms": r["ext"]["loss_only"]["median_ms"],
                    "ext x loss": r["ext_speedup_loss"], "eager MB": r["eager"]["peak_mb"],
                    "compile MB": r.get("compile", {}).get("peak_mb"), "ext MB": r["ext"]["peak_mb"]} for r in steps]
-    print("\nstage-1 step (median ms; 'x' = eager / ext)\n" + _table(table_rows, cols))
+    if table_rows:
+        print("\nstage-1 step (median ms; 'x' = eager / ext)\n" + _table(table_rows, cols))
     ops_rows = [] if a.no_ops or DEVICE.type == "cuda" else bench_ops(a.quick, repeats)
     if ops_rows:
-        print("\nCPU op paths (median ms)\n" + _table(ops_rows, ["op", "shape", "ext_ms", "gemm_ms", "torch_ms", "faiss_ms",
-                                                                "ext_over_gemm", "speedup_vs_torch", "faiss_over_ext"]))
+        print("\nCPU op paths (median ms)\n" + _table(ops_rows, ["op", "shape", "ext_ms", "gemm_ms", "tiles_ms", "torch_ms", "faiss_ms",
+                                                                "ext_over_gemm", "ext_over_tiles", "speedup_vs_torch",
+                                                                "faiss_over_ext"]))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"meta": meta, "steps": steps, "ops": ops_rows}, f, indent=2)

@@ -65,19 +65,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> assign_impl(const at:
           cmax[c] = cm;
           m = std::max(m, cm);
         }
-        // the row's largest probability is exp(0) / sum; the label is the first index
-        // holding it (ties, including logits too close to tell apart after exp, go low):
-        // the first chunk whose max rounds to exp(.) == 1, then the first such entry in it
-        int64_t c = 0;
-        while (exp_((cmax[c] - m) * inv_tau) != T(1)) ++c;
-        int64_t arg = c * kChunk;
-        while (exp_((r[arg] - m) * inv_tau) != T(1)) ++arg;
         T sum = 0;
 #pragma omp simd reduction(+ : sum)
         for (int64_t k = 0; k < K; ++k) {
           r[k] = exp_((r[k] - m) * inv_tau);
           sum += r[k];
         }
+        // the row's largest probability is exp(0) / sum; the label is the first index
+        // holding it (ties, including logits too close to tell apart after exp, go low):
+        // the first chunk whose max rounds to exp(.) == 1, then the first 1 in it
+        int64_t c = 0;
+        while (exp_((cmax[c] - m) * inv_tau) != T(1)) ++c;
+        int64_t arg = c * kChunk;
+        while (r[arg] != T(1)) ++arg;
         const T inv = T(1) / sum;
         lab[s + i] = arg;
         cf[s + i] = inv;

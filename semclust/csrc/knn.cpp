@@ -45,42 +45,29 @@ template <typename T>
 inline void topk_scan(const T* r, int64_t n, int64_t base, int64_t self, T* sc, int64_t* ix, int64_t& count,
                       int64_t k) {
   T thr = count < k ? -std::numeric_limits<T>::infinity() : sc[k - 1];
-  int64_t j = 0;
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float>) {
-    for (; j + 16 <= n; j += 16) {
-      __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(r + j), _mm512_set1_ps(thr), _CMP_GT_OQ);
-      while (m) {
-        const int64_t v = j + __builtin_ctz(m);
-        m &= m - 1;
-        if (r[v] > thr && v != self) {
-          topk_insert(sc, ix, count, k, r[v], base + v);
-          thr = count < k ? -std::numeric_limits<T>::infinity() : sc[k - 1];
-        }
-      }
-    }
-  }
-#elif defined(__AVX2__)
-  if constexpr (std::is_same_v<T, float>) {
-    for (; j + 8 <= n; j += 8) {
-      unsigned m = static_cast<unsigned>(
-          _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(r + j), _mm256_set1_ps(thr), _CMP_GT_OQ)));
-      while (m) {
-        const int64_t v = j + __builtin_ctz(m);
-        m &= m - 1;
-        if (r[v] > thr && v != self) {
-          topk_insert(sc, ix, count, k, r[v], base + v);
-          thr = count < k ? -std::numeric_limits<T>::infinity() : sc[k - 1];
-        }
-      }
-    }
-  }
-#endif
-  for (; j < n; ++j)
-    if (r[j] > thr && j != self) {
-      topk_insert(sc, ix, count, k, r[j], base + j);
+  const auto offer = [&](int64_t v) {
+    if (r[v] > thr && v != self) {
+      topk_insert(sc, ix, count, k, r[v], base + v);
       thr = count < k ? -std::numeric_limits<T>::infinity() : sc[k - 1];
     }
+  };
+  // the lanes of block j that beat the threshold when it was tested (re-checked in offer:
+  // the threshold rises as the list fills)
+  const auto offer_mask = [&](int64_t j, unsigned m) {
+    for (; m; m &= m - 1) offer(j + __builtin_ctz(m));
+  };
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>)
+    for (; j + 16 <= n; j += 16)
+      offer_mask(j, _mm512_cmp_ps_mask(_mm512_loadu_ps(r + j), _mm512_set1_ps(thr), _CMP_GT_OQ));
+#elif defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>)
+    for (; j + 8 <= n; j += 8)
+      offer_mask(j, static_cast<unsigned>(
+                        _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(r + j), _mm256_set1_ps(thr), _CMP_GT_OQ))));
+#endif
+  for (; j < n; ++j) offer(j);
 }
 
 template <typename T>
