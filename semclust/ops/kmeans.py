@@ -14,15 +14,13 @@ from .reference import KMeansResult, kmeans_pp_init
 
 log = logging.getLogger(__name__)
 
-# Hard assignment through the soft `assign` op: at this temperature the softmax is an
-# argmax for any cosine gap above ~1e-4, and the labels are the argmax either way.
-_HARD_TAU = 1e-2
-# k-means++ re-reads its pool once per seed, so a pool that stays in a server CPU's last-
-# level cache (16 MiB: 8192 rows at D = 512) makes seeding compute-bound: at K = 333 over
-# 100k x 512 rows a 32768-row pool took 5 s of a 17 s fit, 8192 rows 1.8 s; pools of
-# 10656 and 4096 rows ended 20 Lloyd steps 0.1% above the 32768-row objective. It keeps
-# at least 8 rows per seed.
-_PP_POOL_BYTES = 16 << 20
+# k-means++ re-reads its pool once per seed (a [pool, D] x [D, 2 + ln k] product per
+# seed, which MKL runs at ~10 GFLOP/s on one core: 0.67 us per 512-d row), so the pool
+# is what seeding costs: at K = 333 over 100k x 512 rows a 32768-row pool took 5 s of a
+# 17 s fit, 8192 rows 1.8 s and 4096 rows 0.9 s, and pools of 10656 and 4096 rows ended
+# 20 Lloyd steps 0.1% above the 32768-row objective. 8 MiB of rows (4096 at D = 512), at
+# least 8 rows per seed.
+_PP_POOL_BYTES = 8 << 20
 _PP_ROWS_PER_SEED = 8
 
 
@@ -56,16 +54,14 @@ class KMeansReducer(Protocol):
         ...
 
 
-def _objective(x: Tensor, centers: Tensor, labels: Tensor, chunk_size: int, n: Optional[int] = None,
-               reduce: Optional[KMeansReducer] = None) -> Tensor:
-    total = torch.zeros((), dtype=torch.float64, device=x.device)
-    for s in range(0, x.shape[0], chunk_size):
-        xs = x[s : s + chunk_size].float()
-        total += (1.0 - (xs * centers[labels[s : s + chunk_size]].float()).sum(1)).sum().double()
+def _objective(cos: Tensor, n: int, reduce: Optional[KMeansReducer] = None) -> Tensor:
+    """mean_i (1 - cos(x_i, c_label_i)) over all n rows, from each local row's cosine to
+    its centre (what the nearest-centre pass returns)."""
+    total = (1.0 - cos.double()).sum()
     if reduce is not None:
         total = reduce.sum(total.reshape(1))[0]
     # 1 - cos can round to -1e-8 for a point on its centre
-    return (total / (x.shape[0] if n is None else n)).clamp_min(0.0)
+    return (total / n).clamp_min(0.0)
 
 
 def _global_means(means: Tensor, counts: Tensor, reduce: KMeansReducer) -> tuple[Tensor, Tensor]:
@@ -115,8 +111,9 @@ def kmeans(
 ) -> KMeansResult:
     """Spherical k-means (cosine), seeded, best of `restarts` by objective.
 
-    Each Lloyd step is one `assign` pass (labels only) and one `center_update`
-    (segment sums, normalised), so it runs on whichever backend those ops dispatch to.
+    Each Lloyd step is one nearest-centre pass (`knn`, top 1, the centres as the
+    database) and one `center_update` (segment sums), so it runs on whichever backend
+    those ops dispatch to.
     Empty clusters are re-seeded with the farthest points. Stops early when the
     objective improves by less than `tol`.
 
@@ -137,7 +134,7 @@ def kmeans(
         init_sample: k-means++ seeds from at most this many random rows. Greedy seeding
             makes k sequential passes over its rows, which at N = 1M and k = 3000 would
             cost more than the Lloyd steps; Lloyd then runs on all N rows. Within this
-            cap the pool is max(8 k, the rows of 16 MiB of float32), so it stays in cache.
+            cap the pool is max(8 k, the rows of 8 MiB of float32).
         progress: a tqdm bar over the Lloyd steps of every restart (rows/s as the rate).
         reduce: the `KMeansReducer` of sharded rows; None: `x` is all the rows.
         max_points_per_centre: train on at most k x this many random rows (faiss's cap,
@@ -184,11 +181,22 @@ def kmeans(
         whole = xf if reduce is None else reduce.take(xf, torch.arange(n, device=x.device))
     # x was checked once above: the Lloyd steps call the backends directly, since the
     # public ops' input checks re-read all of x (twice a step)
-    _, assign_impl = resolve("assign", x.device)
+    _, knn_impl = resolve("knn", x.device)
     _, update_impl = resolve("center_update", x.device)
 
-    def hard_labels(rows_: Tensor, centers_: Tensor) -> Tensor:
-        return assign_impl(rows_, centers_, _HARD_TAU, return_probs=False, chunk_size=chunk_size).labels
+    def nearest(rows_: Tensor, centers_: Tensor) -> tuple[Tensor, Tensor]:
+        """(label, cosine to that centre) of every row: top-1 of `knn` with the centres
+        as the database (faiss's assignment step). A labels-only scan of each score tile,
+        where the soft `assign` would also exponentiate it: at K = 333 over 100k x 512
+        rows 0.55 s a pass against 0.70 s. Chunked so that memory-mapped fp16 rows are
+        converted a chunk at a time (64k x 512 floats: 128 MiB)."""
+        lab, cos = [], []
+        for s in range(0, rows_.shape[0], chunk_size):
+            # float32 queries: knn returns scores in their dtype, and the objective sums them
+            sc, ix = knn_impl(centers_, 1, queries=rows_[s : s + chunk_size].float(), exclude_self=False)
+            lab.append(ix[:, 0])
+            cos.append(sc[:, 0])
+        return torch.cat(lab), torch.cat(cos)
 
     best = None
     bar = tqdm(total=restarts * iters, desc=f"k-means (k={k})", unit="step", disable=not progress, leave=False)
@@ -203,7 +211,7 @@ def kmeans(
             centers = rows(torch.randperm(n, generator=gen, device=x.device)[:k]).float()
         prev_obj = float("inf")
         for it in range(iters):
-            labels = hard_labels(xf, centers)
+            labels, _ = nearest(xf, centers)
             means, counts = update_impl(xf, k, labels=labels, probs=None, normalize=False, previous=None, momentum=0.0)
             means = means.float()
             if reduce is not None:
@@ -218,15 +226,17 @@ def kmeans(
             if prev_obj - obj < tol:
                 break
             prev_obj = obj
-        labels = hard_labels(xf, centers)
-        obj = _objective(xf, centers, labels, chunk_size, n, reduce)
+        labels, cos = nearest(xf, centers)
+        obj = _objective(cos, n, reduce)
         log.debug("kmeans restart %d: %d iterations, objective %.6f", r, it + 1, float(obj))
-        if best is None or obj < best.objective:
+        # a restart that only ties the best within float32 rounding (the same partition,
+        # its labels permuted) keeps the earlier one, so that rescaled rows pick the same
+        if best is None or obj < best.objective * (1.0 - 1e-6):
             best = KMeansResult(centers, labels, obj)
         bar.update((r + 1) * iters - bar.n)  # a restart that converged early skips its remaining steps
     bar.close()
     if xf is full:
         return best
     # trained on a sample: one pass labels every row and scores the centres on all of them
-    labels = hard_labels(full, best.centers)
-    return KMeansResult(best.centers, labels, _objective(full, best.centers, labels, chunk_size, n_full, full_reduce))
+    labels, cos = nearest(full, best.centers)
+    return KMeansResult(best.centers, labels, _objective(cos, n_full, full_reduce))
