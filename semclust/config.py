@@ -133,6 +133,11 @@ class Stage1Config(_Section):
     lr: float = option(1e-3, low=0.0, low_open=True)  # Adam (TAC)
     weight_decay: float = option(0.0, low=0.0)
     cluster_tau: float = option(0.5, low=0.0, low_open=True)  # assignment- and centre-level InfoNCE temperature (TAC)
+    # K > this: each step's two cluster-level InfoNCE terms compare a fresh random subset
+    # of this many clusters (their cost grows as K^2: 70% of a step at K = 1000), the
+    # other terms every cluster; 0: always all K. The fused ext step has no subset, so
+    # such steps run the torch loss (`method.stage1.train_stage1`)
+    cluster_columns: int = option(256, low=0)
     # tau_a of the centre target softmax(v c^T / tau_a), in units of the spread of v . c
     # times min(1, 10 / K) (`method.losses.center_temperature`): 2 x 0.05 = 0.1 under a
     # CLIP-like modality gap at K <= 10

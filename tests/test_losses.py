@@ -84,7 +84,35 @@ def test_balance_prior_is_an_ema_mixed_with_uniform():
     assert torch.allclose(state.prior(mix=1.0), torch.full((3,), 1 / 3))
 
 
-@pytest.mark.parametrize("name", ["instance", "assignment", "center", "balance"])
+def test_cluster_columns_restrict_the_infonce_terms_to_those_clusters():
+    """With `columns`, the assignment term is the naive InfoNCE of the chosen columns and
+    the centre term's InfoNCE compares only those centre pairs; the other terms are the
+    full-K ones."""
+    b, k, d = 9, 6, 5
+    p, q, pn, qn = (_probs(b, k, s) for s in range(4))
+    g = torch.Generator().manual_seed(7)
+    u, v = (torch.nn.functional.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=1) for _ in "uv")
+    cols = torch.tensor([4, 1, 3])
+    got = R.assignment_loss(p, q, pn, qn, 0.5, cols).item()
+    want = 0.5 * (_naive_cluster_infonce(p[:, cols], qn[:, cols], 0.5) + _naive_cluster_infonce(q[:, cols], pn[:, cols], 0.5))
+    assert got == pytest.approx(want, rel=1e-9)
+    ci = torch.nn.functional.normalize(p[:, cols].T @ u, dim=1)
+    ct = torch.nn.functional.normalize(q[:, cols].T @ v, dim=1)
+    logits = ci @ ct.T / 0.5
+    ce = lambda m: -torch.log_softmax(m, 1).diagonal().mean()  # noqa: E731
+    assert R.center_loss(p, q, u, v, None, 0.5, 0.1, cols).item() == pytest.approx(0.5 * (ce(logits) + ce(logits.T)).item(), rel=1e-9)
+    kw = dict(cluster_tau=0.5, center_tau=0.1, w_instance=0.5, w_assignment=1.0, w_center=3.0, w_balance=2.0)
+    _, full, _ = R.stage1_loss(p, q, pn, qn, u, v, None, None, **kw)
+    _, sub, _ = R.stage1_loss(p, q, pn, qn, u, v, None, None, columns=cols, **kw)
+    assert sub["instance"] == full["instance"] and sub["balance"] == full["balance"]
+    assert sub["assignment"].item() == pytest.approx(got, rel=1e-12)
+    assert abs(sub["assignment"].item() - full["assignment"].item()) > 1e-3  # the subset matters
+    # every column is the full loss
+    assert R.assignment_loss(p, q, pn, qn, 0.5, torch.arange(k)).item() == pytest.approx(full["assignment"].item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["instance", "assignment", "center", "balance", "assignment-columns",
+                                  "center-columns"])
 def test_loss_gradients_float64(name):
     b, k, d = 6, 3, 4
     g = torch.Generator().manual_seed(3)
@@ -100,6 +128,10 @@ def test_loss_gradients_float64(name):
             return R.assignment_loss(p, q, pn, qn, 0.5)
         if name == "center":
             return R.center_loss(p, q, u, v, None, 0.5, 0.1)
+        if name == "assignment-columns":
+            return R.assignment_loss(p, q, pn, qn, 0.5, torch.tensor([2, 0]))
+        if name == "center-columns":
+            return R.center_loss(p, q, u, v, None, 0.5, 0.1, torch.tensor([2, 0]))
         return R.balance_loss(p, q, None)[0]
 
     assert gradcheck(f, tuple(logits))

@@ -21,19 +21,20 @@ def inputs():
     return u, v, ni, nt
 
 
-def _train(inputs, epochs, **kw):
+def _train(inputs, epochs, columns=256, **kw):
     u, v, ni, nt = inputs
-    cfg = Stage1Config(epochs=epochs, batch_size=128)
+    cfg = Stage1Config(epochs=epochs, batch_size=128, cluster_columns=columns)
     with ops.use_backend("torch"):
         return stage1.train_stage1(u, v, 10, ni, nt, cfg, seed=3, progress=False, **kw)
 
 
-def test_resume_equals_uninterrupted(inputs, tmp_path):
-    whole = _train(inputs, 4)
+@pytest.mark.parametrize("columns", [256, 4])  # all 10 clusters; a random 4 of them each step
+def test_resume_equals_uninterrupted(inputs, tmp_path, columns):
+    whole = _train(inputs, 4, columns)
     ck = tmp_path / "stage1.ckpt"
-    first = _train(inputs, 2, checkpoint=ck)
+    first = _train(inputs, 2, columns, checkpoint=ck)
     assert ck.exists() and len(first.history) == 2
-    resumed = _train(inputs, 4, checkpoint=ck, resume=True)
+    resumed = _train(inputs, 4, columns, checkpoint=ck, resume=True)
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
     for a, b in zip(whole.heads.state_dict().values(), resumed.heads.state_dict().values()):
         assert torch.equal(a, b)
@@ -58,3 +59,24 @@ def test_checkpoint_of_another_run_is_refused(inputs, tmp_path):
     ck.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable stage-1 checkpoint"):
         _train(inputs, 2, checkpoint=ck, resume=True)
+
+
+def test_cluster_subset_trains_with_the_torch_loss_and_refuses_a_forced_ext(inputs, monkeypatch):
+    """K above stage1.cluster_columns: the steps run the torch loss on a random subset of
+    clusters (drawn afresh each step), and forcing the fused ext step says why it cannot."""
+    u, v, ni, nt = inputs
+    seen = []
+    real = stage1.stage1_loss
+
+    def spy(*a, columns=None, **kw):
+        seen.append(None if columns is None else sorted(columns.tolist()))
+        return real(*a, columns=columns, **kw)
+
+    monkeypatch.setattr(stage1, "stage1_loss", spy)
+    cfg = Stage1Config(epochs=1, batch_size=128, cluster_columns=4)
+    r = stage1.train_stage1(u, v, 10, ni, nt, cfg, seed=0, progress=False)
+    assert len(r.history) == 1 and len(seen) == 5  # 600 rows: 5 batches of 128 or fewer
+    assert all(c is not None and len(c) == 4 and len(set(c)) == 4 and max(c) < 10 for c in seen)
+    assert len({tuple(c) for c in seen}) > 1, "a fresh subset every step"
+    with ops.use_backend("ext"), pytest.raises(ops.BackendUnavailable, match="cluster_columns"):
+        stage1.train_stage1(u, v, 10, ni, nt, cfg, seed=0, progress=False)

@@ -41,6 +41,7 @@ import platform
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -135,7 +136,9 @@ def _step_inputs(b: int, k: int, d: int, seed: int = 0):
 def bench_step(b: int, k: int, d: int, repeats: int, with_compile: bool) -> dict:
     from semclust.csrc.ops import fused_step as fused_step_ext
     from semclust.method.heads import Heads
+    from semclust.config import Stage1Config
     from semclust.ops.reference import fused_step as fused_step_reference
+    from semclust.ops.reference import stage1_loss
 
     x_i, x_t, u, v, centers, prior = _step_inputs(b, k, d)
     torch.manual_seed(0)
@@ -174,6 +177,20 @@ def bench_step(b: int, k: int, d: int, repeats: int, with_compile: bool) -> dict
 
     row = {"B": b, "K": k, "D": d}
     impls = {"eager": fused_step_reference, "ext": fused_step_ext}
+    columns = Stage1Config().cluster_columns
+    if 0 < columns < k:
+        # what training runs at this K: the torch loss with the cluster-level terms over a
+        # random subset of clusters (stage1.cluster_columns), drawn afresh each step
+        gen = torch.Generator().manual_seed(0)
+
+        def subset_step(li, lt, u_, v_, centers_, prior_, **kw):
+            (p, p_n), (q, q_n) = torch.softmax(li, 1).split(b), torch.softmax(lt, 1).split(b)
+            cols = torch.randperm(k, generator=gen)[:columns].to(li.device)
+            loss, _, _ = stage1_loss(p, q, p_n, q_n, u_, v_, centers_, prior_, columns=cols, **kw)
+            return SimpleNamespace(loss=loss)
+
+        impls["subset"] = subset_step
+        row["subset_columns"] = columns
     if with_compile:
         try:
             compiled = torch.compile(fused_step_reference)
@@ -294,6 +311,19 @@ def _table(rows: list[dict], cols: Sequence[str]) -> str:
     return "\n".join([line(cols), "-" * (sum(widths) + 2 * len(widths)), *(line(r) for r in cells)])
 
 
+def _flat(r: dict) -> dict:
+    """One printed row of a `bench_step` result ("subset": the torch loss with the
+    cluster-level terms over stage1.cluster_columns random clusters, where K exceeds it)."""
+    return {"B": r["B"], "K": r["K"], "eager ms": r["eager"]["median_ms"], "compile ms": r.get("compile", {}).get("median_ms"),
+            "ext ms": r["ext"]["median_ms"], "ext x step": r["ext_speedup_step"],
+            "subset ms": r.get("subset", {}).get("median_ms"),
+            "GEMMs ms": r["gemms"]["median_ms"], "eager / GEMMs": r["eager"]["over_gemms"],
+            "ext / GEMMs": r["ext"]["over_gemms"],
+            "eager loss ms": r["eager"]["loss_only"]["median_ms"], "ext loss ms": r["ext"]["loss_only"]["median_ms"],
+            "ext x loss": r["ext_speedup_loss"], "eager MB": r["eager"]["peak_mb"],
+            "compile MB": r.get("compile", {}).get("peak_mb"), "ext MB": r["ext"]["peak_mb"]}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke run)")
@@ -301,6 +331,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--no-ops", action="store_true", help="skip the CPU op rows")
     p.add_argument("--no-steps", action="store_true", help="skip the step rows (only the CPU op rows)")
+    p.add_argument("--shape", action="append", default=[], metavar="B,K", help="step shapes instead of the default set")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall clock, or the process's CPU time (steadier with --threads 1 on a shared machine; "
                         "with more threads it also counts OpenMP's spin-waiting)")
@@ -322,6 +353,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ext.build(cuda=DEVICE.type == "cuda")
     repeats = 2 if a.quick else 5
     shapes = [(512, 10), (512, 100)] if a.quick else [(b, k) for b in (512, 4096) for k in (10, 100, 1000)]
+    if a.shape:
+        try:
+            shapes = [tuple(int(t) for t in sh.split(",")) for sh in a.shape]
+        except ValueError:
+            p.error(f"--shape takes B,K (two integers), got {a.shape}")
+        if any(len(sh) != 2 or min(sh) < 2 for sh in shapes):
+            p.error(f"--shape takes B,K with B, K >= 2, got {a.shape}")
     if a.no_steps:
         shapes = []
     meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
@@ -333,28 +371,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for b, k in shapes:
         row = bench_step(b, k, 512, repeats, with_compile=not a.no_compile)
         steps.append(row)
-        flat = {"B": b, "K": k, "eager ms": row["eager"]["median_ms"], "ext ms": row["ext"]["median_ms"],
-                "compile ms": row.get("compile", {}).get("median_ms"),
-                "ext x step": row["ext_speedup_step"],
-                "GEMMs ms": row["gemms"]["median_ms"], "eager / GEMMs": row["eager"]["over_gemms"],
-                "ext / GEMMs": row["ext"]["over_gemms"],
-                "eager loss ms": row["eager"]["loss_only"]["median_ms"], "ext loss ms": row["ext"]["loss_only"]["median_ms"],
-                "ext x loss": row["ext_speedup_loss"],
-                "eager MB": row["eager"]["peak_mb"], "ext MB": row["ext"]["peak_mb"],
-                "compile MB": row.get("compile", {}).get("peak_mb")}
+        flat = _flat(row)
         print(_table([flat], list(flat)), flush=True)
         if "error" in row.get("compile", {}):
             print(f"  torch.compile: {row['compile']['error']}")
-    cols = ["B", "K", "eager ms", "compile ms", "ext ms", "ext x step", "GEMMs ms", "eager / GEMMs", "ext / GEMMs",
-            "eager loss ms", "ext loss ms", "ext x loss",
-            "eager MB", "compile MB", "ext MB"]
-    table_rows = [{"B": r["B"], "K": r["K"], "eager ms": r["eager"]["median_ms"], "compile ms": r.get("compile", {}).get("median_ms"),
-                   "ext ms": r["ext"]["median_ms"], "ext x step": r["ext_speedup_step"],
-                   "GEMMs ms": r["gemms"]["median_ms"], "eager / GEMMs": r["eager"]["over_gemms"],
-                   "ext / GEMMs": r["ext"]["over_gemms"],
-                   "eager loss ms": r["eager"]["loss_only"]["median_ms"], "ext loss ms": r["ext"]["loss_only"]["median_ms"],
-                   "ext x loss": r["ext_speedup_loss"], "eager MB": r["eager"]["peak_mb"],
-                   "compile MB": r.get("compile", {}).get("peak_mb"), "ext MB": r["ext"]["peak_mb"]} for r in steps]
+    cols = ["B", "K", "eager ms", "compile ms", "ext ms", "ext x step", "subset ms", "GEMMs ms", "eager / GEMMs",
+            "ext / GEMMs", "eager loss ms", "ext loss ms", "ext x loss", "eager MB", "compile MB", "ext MB"]
+    table_rows = [_flat(r) for r in steps]
     if table_rows:
         print("\nstage-1 step (median ms; 'x' = eager / ext)\n" + _table(table_rows, cols))
     ops_rows = [] if a.no_ops or DEVICE.type == "cuda" else bench_ops(a.quick, repeats)

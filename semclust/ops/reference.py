@@ -238,9 +238,16 @@ def cluster_infonce(a: Tensor, b: Tensor, tau: float) -> Tensor:
     return F.cross_entropy(sim, target)
 
 
-def assignment_loss(p: Tensor, q: Tensor, p_n: Tensor, q_n: Tensor, cluster_tau: float) -> Tensor:
+def assignment_loss(p: Tensor, q: Tensor, p_n: Tensor, q_n: Tensor, cluster_tau: float,
+                    columns: Optional[Tensor] = None) -> Tensor:
     """Cluster-level consistency of the assignment columns across modalities and
-    neighbours: InfoNCE(P, Q_n) + InfoNCE(Q, P_n), halved."""
+    neighbours: InfoNCE(P, Q_n) + InfoNCE(Q, P_n), halved.
+
+    `columns` [m] (distinct cluster ids, optional): the InfoNCE over those clusters only,
+    each one's positive its own column and its negatives the other 2m - 2. Its cost is
+    (2m)^2 B instead of (2K)^2 B, which at K = 1000 and B = 512 is 70% of a step."""
+    if columns is not None:
+        p, q, p_n, q_n = (t[:, columns] for t in (p, q, p_n, q_n))
     return 0.5 * (cluster_infonce(p, q_n, cluster_tau) + cluster_infonce(q, p_n, cluster_tau))
 
 
@@ -250,12 +257,14 @@ def soft_centers(p: Tensor, z: Tensor) -> Tensor:
 
 
 def center_loss(
-    p: Tensor, q: Tensor, u: Tensor, v: Tensor, centers: Optional[Tensor], cluster_tau: float, center_tau: float
+    p: Tensor, q: Tensor, u: Tensor, v: Tensor, centers: Optional[Tensor], cluster_tau: float, center_tau: float,
+    columns: Optional[Tensor] = None,
 ) -> Tensor:
     """Centre-level consistency.
 
     (1) image centres sum_i p_ik u_i and text centres sum_i q_ik v_i are aligned
-        by InfoNCE over the K centre pairs (temperature `cluster_tau`);
+        by InfoNCE over the K centre pairs (temperature `cluster_tau`), or over the
+        clusters in `columns` [m] only (as in `assignment_loss`);
     (2) "better centre generation": `centers` [K, D] live in the text-counterpart space,
         where CLIP's nuisance factors (style, background) that dominate image features
         are weakest; they start from k-means on the counterparts and follow an EMA of
@@ -263,7 +272,8 @@ def center_loss(
         the assignment those centres give, softmax(v c^T / center_tau): a prototype target
         that is steadier than any batch and carries the semantic clusters' own sizes.
     """
-    ci, ct = soft_centers(p, u), soft_centers(q, v)
+    pc, qc = (p, q) if columns is None else (p[:, columns], q[:, columns])
+    ci, ct = soft_centers(pc, u), soft_centers(qc, v)
     logits = ci @ ct.T / cluster_tau
     tgt = torch.arange(ci.shape[0], device=p.device)
     loss = 0.5 * (F.cross_entropy(logits, tgt) + F.cross_entropy(logits.T, tgt))
@@ -295,17 +305,20 @@ def stage1_loss(
     p: Tensor, q: Tensor, p_n: Tensor, q_n: Tensor, u: Tensor, v: Tensor,
     centers: Optional[Tensor], prior: Optional[Tensor], *,
     cluster_tau: float, center_tau: float, w_instance: float, w_assignment: float, w_center: float, w_balance: float,
+    columns: Optional[Tensor] = None,
 ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
     """The stage-1 loss on probabilities, free of side effects: (loss [], parts
     {instance, assignment, center, balance} [] each, marginal [K] detached).
 
     loss = w_instance instance + w_assignment assignment + w_center center + w_balance balance;
     see each term's function. p, q [B, K] of the batch, p_n, q_n [B, K] of its sampled
-    neighbours, u, v [B, D] its features, centers [K, D] or None, prior [K] or None."""
+    neighbours, u, v [B, D] its features, centers [K, D] or None, prior [K] or None;
+    `columns` [m] or None: the clusters the two cluster-level InfoNCE terms compare (all
+    K when None; the other terms always see every cluster)."""
     parts = {
         "instance": instance_loss(p, q, p_n, q_n),
-        "assignment": assignment_loss(p, q, p_n, q_n, cluster_tau),
-        "center": center_loss(p, q, u, v, centers, cluster_tau, center_tau),
+        "assignment": assignment_loss(p, q, p_n, q_n, cluster_tau, columns),
+        "center": center_loss(p, q, u, v, centers, cluster_tau, center_tau, columns),
     }
     parts["balance"], marginal = balance_loss(p, q, prior)
     loss = (
