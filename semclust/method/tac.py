@@ -241,7 +241,7 @@ def fit_tac_heads(
         torch.manual_seed(seed)
         model = Heads(d, k, hidden).to(u.device)  # TAC's heads and init
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99))
+    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99), fused=True)  # as stage 1's
     history = []
     for epoch in range(epochs):
         model.train()
