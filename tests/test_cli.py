@@ -352,3 +352,14 @@ def test_bench_runs_from_the_installed_package(tmp_path):
     (row,) = json.loads(out.read_text())
     assert row["scenario"] == "balanced" and 2 <= row["k"] <= 200
     assert "within +-20% of the true K" in r.stdout
+
+
+@pytest.mark.parametrize("config,message", [('{"stage1": {"nope": 1}}', "unknown keys"), ("{not json", "--config"),
+                                            ('{"stage1": {"cluster_columns": -1}}', "cluster_columns")])
+def test_bench_scale_checks_its_config_before_building_a_store(tmp_path, capsys, config, message):
+    from semclust.bench import scale
+
+    with pytest.raises(SystemExit) as exc:
+        scale.main(["--n", "2000", "--k", "10", "--workdir", str(tmp_path / "w"), "--config", config])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

@@ -81,12 +81,12 @@ def noun_bank() -> torch.Tensor:
 
 
 def run_ours(store: Path, k: int, kmeans_iters: int, restarts: int, epochs: int, knn: str, work: Path,
-             reuse: bool = False, device: str = "cpu") -> dict:
+             reuse: bool = False, device: str = "cpu", config: Optional[dict] = None) -> dict:
     from semclust import SemanticClusterer
     from semclust.config import Config
     from semclust.runtime.report import Phases
 
-    cfg = Config()
+    cfg = Config.from_dict(config or {})
     cfg.semantic.kmeans_iters, cfg.semantic.kmeans_restarts = kmeans_iters, restarts
     cfg.stage1.epochs, cfg.neighbours.method = epochs, knn
     if reuse:  # keep the finished counterparts / kNN files, train stage 1 again
@@ -158,6 +158,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--device", default="cpu", help="where our fit runs (cuda: the GPU; the store stays on disk)")
     ap.add_argument("--reuse-work", action="store_true",
                     help="keep an earlier run's counterparts and kNN files (their phases then take ~0 s) and train again")
+    ap.add_argument("--config", default="{}", metavar="JSON",
+                    help='options over the defaults, as in a config file, e.g. \'{"stage1": {"cluster_columns": 0}}\'')
     ap.add_argument("--json")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -165,14 +167,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.child:
         kind, store, *rest = a.child
         if kind == "ours":
-            k, iters, restarts, epochs, knn, work, reuse, device = rest
+            k, iters, restarts, epochs, knn, work, reuse, device, config = rest
             print(json.dumps(run_ours(Path(store), int(k), int(iters), int(restarts), int(epochs), knn, Path(work),
-                                      reuse == "1", device)))
+                                      reuse == "1", device, json.loads(config))))
         else:
             m, iters, kk, knn = rest
             print(json.dumps(run_faiss(Path(store), int(m), int(iters), int(kk), knn)))
         return 0
 
+    from semclust.config import Config
+
+    try:  # checked here, before any store is built
+        Config.from_dict(json.loads(a.config))
+    except (ValueError, TypeError) as e:
+        ap.error(f"--config: {e}")
     ns, ks = ([20_000], [100]) if a.quick else (a.n, a.k)
     root = Path(a.workdir)
     root.mkdir(parents=True, exist_ok=True)
@@ -191,9 +199,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if work.exists() and not a.reuse_work:
                 shutil.rmtree(work)
             ours = _child(["--child", "ours", str(store), str(k), str(iters), str(restarts), str(epochs), knn, str(work),
-                           "1" if a.reuse_work else "0", a.device])
+                           "1" if a.reuse_work else "0", a.device, a.config])
             row = {"n": n, "k": k, "kmeans_iters": iters, "restarts": restarts, "epochs": epochs, "knn": knn,
-                   "device": a.device, "ours": ours}
+                   "device": a.device, "config": json.loads(a.config), "ours": ours}
             if not a.no_peers and k == ks[0]:
                 m = max(k, n // 300)
                 row["faiss"] = _child(["--child", "faiss", str(store), str(m), str(iters), "50", knn])
