@@ -518,7 +518,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--out", type=_path, required=True, help="run directory (model + labels.npy)")
     f.add_argument("--nouns", type=_path, help="'default', 'wordnet', a word file, or noun embeddings (.npy/.pt/.safetensors)")
     f.add_argument("--stage", type=int, choices=(1, 2), default=2)
-    f.add_argument("--epochs", type=_int_in(0), help="stage-1 epochs (default from the config)")
+    f.add_argument("--epochs", type=_int_in(0), help="stage-1 epochs (default from the config; at K >= 100 at most, see stage1.cluster_visits)")
     f.add_argument("--config", type=_path, help="JSON file with config overrides (see semclust.config)")
     f.add_argument("--resume", action="store_true", help="continue a killed run in RUN (same input and settings): finished phases are reused, stage 1 and 2 continue from their last epoch")
     f.add_argument("--allow-incomplete", action="store_true",
@@ -574,7 +574,7 @@ def _parser() -> argparse.ArgumentParser:
     rr.add_argument("--json", type=_path, help="also write the results as JSON here")
     rr.add_argument("--stage", type=int, choices=(1, 2), default=2, help="1 leaves out stage 2 (no images are "
                                                                           "read after the encoding)")
-    rr.add_argument("--epochs", type=_int_in(0), help="stage-1 epochs (default from the config)")
+    rr.add_argument("--epochs", type=_int_in(0), help="stage-1 epochs (default from the config; at K >= 100 at most, see stage1.cluster_visits)")
     rr.add_argument("--stage2-epochs", type=_int_in(0), help="stage-2 epochs (default from the config)")
     rr.add_argument("--nouns", type=_path, help="'default', 'wordnet', a word file, or noun embeddings (.npy/.pt/.safetensors)")
     rr.add_argument("--config", type=_path, help="JSON file with config overrides of the semclust fit (see semclust.config)")

@@ -128,7 +128,15 @@ class Stage1Config(_Section):
     # TAC's own settings for K (`method.tac.tac_settings`), the loss options unused
     objective: str = option("semclust", choices=("semclust", "tac"))
     hidden: int = option(512, low=1)  # Linear(D,512) -> BN -> ReLU -> Linear(512,K) (TAC)
-    epochs: int = option(40, low=0)
+    epochs: int = option(40, low=0)  # at K >= 100 at most; see cluster_visits
+    # K >= 100 (where TAC too changes its recipe): train max(4, ceil(cluster_visits K / N))
+    # epochs, at most `epochs`: about this many visits of each cluster's images. There a
+    # long run overfits each image's fixed counterpart and neighbours (k100 / k200: ACC
+    # 0.68 / 0.57 at 4-6 epochs against 0.62 / 0.51 at 40, the same at 5x the rows), while
+    # few rows per cluster need more epochs (K = 1000, N = 20k: 0.14 at 3, 0.29 at 20-40);
+    # below K = 100 the superclass scenario still gains up to 40 (benchmarks/RESULTS.md).
+    # 0: always `epochs`
+    cluster_visits: int = option(500, low=0)
     batch_size: int = option(512, low=2)
     lr: float = option(1e-3, low=0.0, low_open=True)  # Adam (TAC)
     weight_decay: float = option(0.0, low=0.0)

@@ -80,3 +80,35 @@ def test_cluster_subset_trains_with_the_torch_loss_and_refuses_a_forced_ext(inpu
     assert len({tuple(c) for c in seen}) > 1, "a fresh subset every step"
     with ops.use_backend("ext"), pytest.raises(ops.BackendUnavailable, match="cluster_columns"):
         stage1.train_stage1(u, v, 10, ni, nt, cfg, seed=0, progress=False)
+
+
+@pytest.mark.parametrize("n, k, visits, epochs, expected", [
+    (5000, 10, 500, 40, 40),        # K < 100: always cfg.epochs
+    (5000, 99, 500, 40, 40),
+    (10000, 100, 500, 40, 5),       # ceil(500 * 100 / 10000)
+    (10001, 100, 500, 40, 5),       # rounds up
+    (100000, 1000, 500, 40, 5),
+    (1000000, 100, 500, 40, 4),     # never below 4
+    (20000, 1000, 500, 40, 25),     # few rows per cluster: more epochs
+    (2000, 1000, 500, 40, 40),      # ... at most cfg.epochs
+    (1000000, 100, 500, 2, 2),      # a smaller cfg.epochs caps the floor too
+    (10000, 100, 0, 40, 40),        # 0: the rule is off
+])
+def test_stage1_epochs_rule(n, k, visits, epochs, expected):
+    assert stage1.stage1_epochs(Stage1Config(epochs=epochs, cluster_visits=visits), n, k) == expected
+
+
+def test_large_k_trains_the_rule_s_epochs_and_resumes_across_it(tmp_path):
+    """At K >= 100 a fit trains stage1_epochs() epochs, and a checkpoint resumes whatever
+    cluster_visits says (it only sets how many epochs, like `epochs`)."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.nn.functional.normalize(torch.randn(400, 16, generator=g), dim=1)
+    v = torch.nn.functional.normalize(u + 0.3 * torch.randn(400, 16, generator=g), dim=1)
+    ni, nt = neighbours.knn_lists(u, 5, ChunkConfig()), neighbours.knn_lists(v, 5, ChunkConfig())
+    cfg = Stage1Config(epochs=40, batch_size=128, hidden=16, cluster_visits=1)  # max(4, ceil(100 / 400)) = 4
+    with ops.use_backend("torch"):
+        r = stage1.train_stage1(u, v, 100, ni, nt, cfg, seed=0, progress=False, checkpoint=tmp_path / "c")
+        assert [h["epoch"] for h in r.history] == [0, 1, 2, 3]
+        more = Stage1Config(epochs=6, batch_size=128, hidden=16, cluster_visits=0)
+        r = stage1.train_stage1(u, v, 100, ni, nt, more, seed=0, progress=False, checkpoint=tmp_path / "c", resume=True)
+    assert [h["epoch"] for h in r.history] == [0, 1, 2, 3, 4, 5]

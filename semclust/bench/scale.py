@@ -12,17 +12,19 @@ Each (N, K) runs `SemanticClusterer(stage=1).fit(store)` in a fresh subprocess, 
 peak RSS is the run's own: the store is memory-mapped, the workspace (counterparts, kNN
 lists) lives on disk beside it. Reported per phase, `predict(store)` included: seconds,
 peak RSS (VmHWM reset at the phase's start; memory-mapped pages the process touched
-count, as the OS counts them) and the sampled peak of anonymous memory. Settings that would take hours on a 2-core CPU are lowered and
-printed with the table (`--kmeans-iters`, `--epochs`, `--knn`); the per-iteration and
-per-epoch times let the full defaults be projected.
+count, as the OS counts them) and the sampled peak of anonymous memory. Every setting is
+the library's default (k-means iterations and restarts, stage-1 epochs:
+`Stage1Config.cluster_visits` at K >= 100) unless `--kmeans-iters`, `--restarts` or
+`--epochs` lower it; kNN is exact up to 100k rows, IVF above (`--knn`). All are printed
+with the table; the per-epoch times let other epoch counts be projected.
 
 Peers, in their own subprocess on the same store: faiss k-means (same M centres and
-iterations; faiss subsamples 256 rows per centre by default, as it does in practice) and
+iterations; faiss subsamples 256 rows per centre by default, as our k-means does) and
 faiss kNN (IndexFlatIP exact where N allows, IVF-SQfp16 otherwise).
 
-The 10M row is projected from the 1M run: k-means per iteration scales as N x M with
-M = N / 300 (so N^2), IVF kNN as N^1.5 (nlist ~ sqrt N), counterparts, stage 1 and
-predict linearly.
+The 10M row is projected from the 1M run: k-means (M = K centres over a sample of 256
+rows per centre, then one pass assigning all N) and counterparts, stage 1 and predict
+scale linearly, IVF kNN as N^1.5 (nlist ~ sqrt N).
 """
 
 from __future__ import annotations
@@ -87,8 +89,11 @@ def run_ours(store: Path, k: int, kmeans_iters: int, restarts: int, epochs: int,
     from semclust.runtime.report import Phases
 
     cfg = Config.from_dict(config or {})
-    cfg.semantic.kmeans_iters, cfg.semantic.kmeans_restarts = kmeans_iters, restarts
-    cfg.stage1.epochs, cfg.neighbours.method = epochs, knn
+    # 0: the config's default
+    cfg.semantic.kmeans_iters = kmeans_iters or cfg.semantic.kmeans_iters
+    cfg.semantic.kmeans_restarts = restarts or cfg.semantic.kmeans_restarts
+    cfg.stage1.epochs = epochs or cfg.stage1.epochs
+    cfg.neighbours.method = knn
     if reuse:  # keep the finished counterparts / kNN files, train stage 1 again
         (work / "stage1.ckpt").unlink(missing_ok=True)
     model = SemanticClusterer(k, clip=None, nouns=noun_bank(), stage=1, config=cfg, device=device,
@@ -140,7 +145,7 @@ def _child(args: list[str]) -> dict:
 
 def _project(row: dict, factor: float) -> dict:
     """Seconds of each phase at factor x N, by the scaling laws in the module doc."""
-    law = {"kmeans": 2.0, "knn": 1.5, "counterparts": 1.0, "stage1": 1.0, "predict": 1.0, "encode": 1.0}
+    law = {"knn": 1.5}
     return {p["phase"]: p["seconds"] * factor ** law.get(p["phase"], 1.0) for p in row["ours"]["phases"]}
 
 
@@ -150,9 +155,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--k", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--quick", action="store_true", help="N = 20k, K = 100, 2 epochs: a few minutes")
     ap.add_argument("--workdir", default=os.environ.get("SEMCLUST_BENCH_DIR", "bench-scale-data"))
-    ap.add_argument("--kmeans-iters", type=int, default=None, help="default: 100 up to 100k rows, else 10")
-    ap.add_argument("--restarts", type=int, default=None, help="default: 3 up to 100k rows, else 1")
-    ap.add_argument("--epochs", type=int, default=None, help="stage-1 epochs (default: 40 up to 100k rows, else 2)")
+    ap.add_argument("--kmeans-iters", type=int, default=0, help="semantic-space k-means iterations (default: the config's)")
+    ap.add_argument("--restarts", type=int, default=0, help="k-means restarts (default: the config's)")
+    ap.add_argument("--epochs", type=int, default=0, help="stage-1 epochs (default: the config's, cluster_visits at K >= 100)")
     ap.add_argument("--knn", choices=("exact", "ivf", "auto"), default="auto", help="auto: exact up to 100k rows")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--device", default="cpu", help="where our fit runs (cuda: the GPU; the store stays on disk)")
@@ -178,7 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from semclust.config import Config
 
     try:  # checked here, before any store is built
-        Config.from_dict(json.loads(a.config))
+        cfg = Config.from_dict(json.loads(a.config))
     except (ValueError, TypeError) as e:
         ap.error(f"--config: {e}")
     ns, ks = ([20_000], [100]) if a.quick else (a.n, a.k)
@@ -187,9 +192,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = []
     for n in ns:
         big = n > 100_000
-        iters = a.kmeans_iters or (10 if big else 100)
-        restarts = a.restarts or (1 if big else 3)
-        epochs = a.epochs or (2 if a.quick else (2 if big else 40))
+        iters = a.kmeans_iters or cfg.semantic.kmeans_iters
+        restarts = a.restarts or cfg.semantic.kmeans_restarts
+        epochs = a.epochs or (2 if a.quick else 0)  # 0: the config's, per K
         knn = a.knn if a.knn != "auto" else ("ivf" if big else "exact")
         t0 = time.perf_counter()
         store = make_store(root / f"store-{n}", n)
@@ -200,10 +205,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 shutil.rmtree(work)
             ours = _child(["--child", "ours", str(store), str(k), str(iters), str(restarts), str(epochs), knn, str(work),
                            "1" if a.reuse_work else "0", a.device, a.config])
-            row = {"n": n, "k": k, "kmeans_iters": iters, "restarts": restarts, "epochs": epochs, "knn": knn,
+            row = {"n": n, "k": k, "kmeans_iters": iters, "restarts": restarts,
+                   "epochs": len(ours["epoch_seconds"]), "knn": knn,
                    "device": a.device, "config": json.loads(a.config), "ours": ours}
             if not a.no_peers and k == ks[0]:
-                m = max(k, n // 300)
+                m = k if cfg.semantic.method == "pool" else max(k, n // cfg.semantic.images_per_centre)
                 row["faiss"] = _child(["--child", "faiss", str(store), str(m), str(iters), "50", knn])
             rows.append(row)
             print(json.dumps(row), flush=True)
