@@ -125,9 +125,12 @@ def test_float32_error_within_pytorchs_own(b, k, d, case, extras):
 
     for name in FIELDS:
         check(name, getattr(got, name), getattr(t32, name), getattr(ref, name), 2e-6)
-    # a gradient sums K or 2K terms of 1/tau-scaled products: a wider floor
-    check("dlogits_i", gi, gi_t32, gi_ref, 2e-5)
-    check("dlogits_t", gt, gt_t32, gt_ref, 2e-5)
+    # a gradient sums K or 2K terms of 1/tau-scaled products: a wider floor. Where symmetry
+    # makes it exactly 0 (equal logits) the error is judged against min_scale 1e-3, so the
+    # floor 1e-4 is 1e-7 absolute, about one float32 ulp of the O(1) terms that cancel
+    # (an AVX-512 build's summation order left 4e-8 at B = 1, K = 3; torch's own was 0)
+    check("dlogits_i", gi, gi_t32, gi_ref, 1e-4)
+    check("dlogits_t", gt, gt_t32, gt_ref, 1e-4)
 
 
 # ---- the balance term against a formula written out here ---------------------------------

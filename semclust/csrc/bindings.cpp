@@ -29,6 +29,15 @@ std::tuple<at::Tensor, at::Tensor> center_update_cpu(const at::Tensor& x, int64_
                                                      const c10::optional<at::Tensor>& probs, bool normalize,
                                                      const c10::optional<at::Tensor>& previous, double momentum);
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batchnorm_relu_forward_cpu(const at::Tensor& h,
+                                                                                      const at::Tensor& weight,
+                                                                                      const at::Tensor& bias, double eps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batchnorm_relu_backward_cpu(const at::Tensor& grad_y, const at::Tensor& h,
+                                                                           const at::Tensor& mean, const at::Tensor& rstd,
+                                                                           const at::Tensor& weight,
+                                                                           const at::Tensor& bias);
+
 namespace {
 std::string build_info() {
   std::string s = "semclust_ext CPU kernels; ";
@@ -53,6 +62,12 @@ TORCH_LIBRARY(semclust_ext, m) {
   m.def(
       "center_update(Tensor x, int k, Tensor? labels, Tensor? probs, bool normalize, Tensor? previous, "
       "float momentum) -> (Tensor, Tensor)");
+  // training-mode BatchNorm1d + ReLU: forward -> (y, mean, biased var, rstd), backward ->
+  // (grad_h, grad_weight, grad_bias); the running statistics are the caller's
+  m.def("batchnorm_relu_forward(Tensor h, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "batchnorm_relu_backward(Tensor grad_y, Tensor h, Tensor mean, Tensor rstd, Tensor weight, Tensor bias) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &semclust_ext::build_info);
 }
 
@@ -61,4 +76,6 @@ TORCH_LIBRARY_IMPL(semclust_ext, CPU, m) {
   m.impl("assign", &semclust_ext::assign_cpu);
   m.impl("knn", &semclust_ext::knn_cpu);
   m.impl("center_update", &semclust_ext::center_update_cpu);
+  m.impl("batchnorm_relu_forward", &semclust_ext::batchnorm_relu_forward_cpu);
+  m.impl("batchnorm_relu_backward", &semclust_ext::batchnorm_relu_backward_cpu);
 }

@@ -1,9 +1,10 @@
 """The `ext` backend's Python face, one op at a time: its fake (meta) kernel for
 torch.compile, its `torch.autograd.Function` and the implementation registered with the
-dispatcher. The kernels are forward-only; a backward recomputes the reference
-(`RecomputeFunction`) or applies gradients the kernel saved (`FusedStepFunction`).
+dispatcher. Most kernels are forward-only; a backward recomputes the reference
+(`RecomputeFunction`), applies gradients the kernel saved (`FusedStepFunction`) or, for
+`batchnorm_relu`, calls its own backward kernel (`BatchNormReluFunction`).
 
-On non-CPU tensors `assign`, `knn` and `center_update` run the reference when ext was
+On non-CPU tensors `assign`, `knn`, `center_update` and `batchnorm_relu` run the reference when ext was
 chosen automatically and raise BackendUnavailable when it was forced.
 """
 
@@ -215,13 +216,77 @@ def fused_step(
     return StepResult(loss, out[1], out[2], out[3], out[4], marginal, probs_i, probs_t)
 
 
+# ---- batchnorm_relu --------------------------------------------------------------------
+
+def _bn_relu_forward_fake(h, weight, bias, eps):
+    dt, c = _dt(h), h.shape[1]
+    return h.new_empty(h.shape, dtype=dt), h.new_empty(c, dtype=dt), h.new_empty(c, dtype=dt), h.new_empty(c, dtype=dt)
+
+
+def _bn_relu_backward_fake(grad_y, h, mean, rstd, weight, bias):
+    dt, c = _dt(h), h.shape[1]
+    return h.new_empty(h.shape, dtype=dt), h.new_empty(c, dtype=dt), h.new_empty(c, dtype=dt)
+
+
+class BatchNormReluFunction(torch.autograd.Function):
+    """Training-mode forward and backward, each one extension call; the batch's mean and
+    biased variance come out for the running statistics."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, eps):
+        y, mean, var, rstd = torch.ops.semclust_ext.batchnorm_relu_forward(h, weight, bias, eps)
+        ctx.save_for_backward(h, mean, rstd, weight, bias)
+        ctx.dtypes = (h.dtype, weight.dtype, bias.dtype)
+        ctx.mark_non_differentiable(mean, var)
+        return y.to(h.dtype), mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y, _g_mean, _g_var):
+        h, mean, rstd, weight, bias = ctx.saved_tensors
+        dh, dw, db = torch.ops.semclust_ext.batchnorm_relu_backward(grad_y.contiguous(), h, mean, rstd, weight, bias)
+        dh_t, dw_t, db_t = ctx.dtypes
+        return dh.to(dh_t), dw.to(dw_t), db.to(db_t), None
+
+
+def batchnorm_relu(h: Tensor, weight: Tensor, bias: Tensor, running_mean: Optional[Tensor] = None,
+                   running_var: Optional[Tensor] = None, training: bool = True, momentum: Optional[float] = 0.1,
+                   eps: float = 1e-5, num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+    """The ext implementation of `semclust.ops.batchnorm_relu` (inputs validated there):
+    training mode on CPU tensors; eval mode (the running statistics, one affine map) and
+    other devices run the reference, as torch's own kernels do that in one pass."""
+    if h.device.type != "cpu":
+        if dispatch.forced() == "ext":
+            _cpu_only("batchnorm_relu", h.device)
+        return reference.batchnorm_relu(h, weight, bias, running_mean, running_var, training, momentum, eps,
+                                        num_batches_tracked)
+    if not training:
+        return reference.batchnorm_relu(h, weight, bias, running_mean, running_var, False, momentum, eps)
+    y, mean, var = BatchNormReluFunction.apply(h, weight, bias, float(eps))
+    if running_mean is not None or running_var is not None:
+        with torch.no_grad():
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+            m = 1.0 / float(num_batches_tracked) if momentum is None else float(momentum)
+            b = h.shape[0]
+            if running_mean is not None:
+                running_mean.mul_(1.0 - m).add_(mean.to(running_mean.dtype), alpha=m)
+            if running_var is not None:  # unbiased, as nn.BatchNorm1d keeps it
+                running_var.mul_(1.0 - m).add_(var.to(running_var.dtype), alpha=m * b / (b - 1))
+    elif num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    return y
+
+
 # ---- registration ----------------------------------------------------------------------
 
-_OPS: dict[str, tuple[Callable, Callable]] = {
-    "fused_step": (_fused_step_fake, fused_step),
-    "assign": (_assign_fake, assign),
-    "knn": (_knn_fake, knn),
-    "center_update": (_center_update_fake, center_update),
+# dispatcher op -> (its extension operators' fake kernels by operator name, implementation)
+_OPS: dict[str, tuple[dict[str, Callable], Callable]] = {
+    "fused_step": ({"fused_step": _fused_step_fake}, fused_step),
+    "assign": ({"assign": _assign_fake}, assign),
+    "knn": ({"knn": _knn_fake}, knn),
+    "center_update": ({"center_update": _center_update_fake}, center_update),
+    "batchnorm_relu": ({"batchnorm_relu_forward": _bn_relu_forward_fake,
+                        "batchnorm_relu_backward": _bn_relu_backward_fake}, batchnorm_relu),
 }
 _ACTIVE = False
 
@@ -234,7 +299,8 @@ def activate() -> None:
         return
     _ACTIVE = True
     for op in REGISTERED_OPS:
-        fake, impl = _OPS[op]
-        torch.library.register_fake(f"{NAMESPACE}::{op}")(fake)
+        fakes, impl = _OPS[op]
+        for name, fake in fakes.items():
+            torch.library.register_fake(f"{NAMESPACE}::{name}")(fake)
         register("ext", op)(impl)
     dispatch.mark_unavailable("ext", None)

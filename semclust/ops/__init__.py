@@ -8,6 +8,7 @@ cannot run raises :class:`BackendUnavailable` with the reason.
 """
 
 from .assign import assign
+from .batchnorm_relu import batchnorm_relu
 from .balance import balance
 from .center_update import center_update
 from .dispatch import BackendUnavailable, available_backends, use_backend
@@ -19,7 +20,7 @@ from .reference import AssignResult, BalanceResult, KMeansResult, StepResult
 from .retrieve import retrieve
 
 __all__ = [
-    "assign", "retrieve", "knn", "center_update", "balance", "kmeans", "fused_step", "normalize_rows",
+    "assign", "retrieve", "knn", "center_update", "balance", "kmeans", "fused_step", "batchnorm_relu", "normalize_rows",
     "use_backend", "available_backends", "BackendUnavailable",
     "AssignResult", "BalanceResult", "KMeansResult", "StepResult",
 ]
