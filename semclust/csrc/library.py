@@ -20,7 +20,7 @@ What it provides:
     Not implemented: `retrieve` (an ext version measured 0.8-1.16x torch: two GEMMs
     either way, so no reliable gain; it was removed) and `balance` (only the Python loss
     graph uses it, and `fused_step` replaces that graph).
-    Forcing `ext` therefore covers stage 1 (knn, fused_step, center_update) and k-means
+    Forcing `ext` therefore covers stage 1 (knn, fused_step, center_update, batchnorm_relu) and k-means
     (assign, center_update); a forced `ext` stops at `retrieve` / `balance` with
     BackendUnavailable, as for any backend lacking an op.
   Each is a `torch.ops.semclust_ext.*` operator (TORCH_LIBRARY schemas in
