@@ -1,4 +1,4 @@
-"""The extension's CPU fast paths (assign, knn, center_update) against the reference, on
+"""The extension's CPU fast paths (assign, knn, center_update, batchnorm_relu) against the reference, on
 odd shapes chosen to cross the extension's fixed tiles: assign tiles of
 clamp(262144 / K, 16, 1024) rows, knn query tiles of 512 x database blocks of 1024 rows.
 tests/ops runs the full op suites on the ext backend too whenever the extension is built
@@ -186,3 +186,59 @@ def test_fake_kernels():
     torch.library.opcheck(E.knn.default, (x, None, 2, True), test_utils=utils)
     torch.library.opcheck(E.center_update.default, (x, 3, torch.tensor([0, 1, 2, 0, 1, 2, 0]), None, True, None, 0.0),
                           test_utils=utils)
+
+
+# ---- batchnorm_relu ----------------------------------------------------------------------
+# (tests/ops/test_batchnorm_relu.py has the full suite; these run it on the ext kernel even
+# when the extension was not built before collection, across its 32-column blocks)
+
+
+def _bn_formula(h, w, b, eps=1e-5):
+    x = h.double()
+    mean, var = x.mean(0), x.var(0, unbiased=False)
+    return torch.clamp((x - mean) / torch.sqrt(var + eps) * w.double() + b.double(), min=0), mean, var
+
+
+@pytest.mark.parametrize("b_,c", [(2, 1), (65, 97), (300, 64), (1024, 512)])
+def test_batchnorm_relu_forward_backward_and_running_stats(b_, c):
+    g = torch.Generator().manual_seed(c)
+    x = (3 * torch.randn(b_, c, generator=g) + 1).requires_grad_()
+    w = (1 + 0.5 * torch.randn(c, generator=g)).requires_grad_()
+    bias = (0.3 * torch.randn(c, generator=g)).requires_grad_()
+    rm, rv, nb = torch.zeros(c), torch.ones(c), torch.tensor(0)
+    y = ops.batchnorm_relu(x, w, bias, rm, rv, momentum=0.1, num_batches_tracked=nb)
+    y64, mean, var = _bn_formula(x, w, bias)
+    torch.testing.assert_close(y.double(), y64, atol=1e-4, rtol=0)
+    torch.testing.assert_close(rm.double(), 0.1 * mean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rv.double(), 0.9 + 0.1 * var * b_ / (b_ - 1), atol=1e-4, rtol=0)
+    assert int(nb) == 1
+    up = torch.randn(b_, c, generator=g)
+    got = torch.autograd.grad(y, (x, w, bias), up)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, bias))
+    want = torch.autograd.grad(_bn_formula(x64, w64, b64)[0], (x64, w64, b64), up.double())
+    for name, a, e in zip(("h", "weight", "bias"), got, want):
+        scale = max(1.0, float(e.abs().max()))
+        torch.testing.assert_close(a.double() / scale, e / scale, atol=1e-4, rtol=0, msg=f"grad {name}")
+
+
+def test_batchnorm_relu_gradcheck_and_half_precision():
+    g = torch.Generator().manual_seed(0)
+    x = (2 * torch.randn(33, 40, generator=g, dtype=torch.float64)).requires_grad_()
+    w = (1 + 0.5 * torch.randn(40, generator=g, dtype=torch.float64)).requires_grad_()
+    b = (0.3 * torch.randn(40, generator=g, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x_, w_, b_: ops.batchnorm_relu(x_, w_, b_), (x, w, b))
+    for dt, tol in ((torch.float16, 5e-2), (torch.bfloat16, 4e-1)):
+        xh = x.detach().to(dt).requires_grad_()
+        y = ops.batchnorm_relu(xh, w.detach().to(dt), b.detach().to(dt))
+        assert y.dtype == dt
+        torch.testing.assert_close(y.double(), _bn_formula(xh.detach(), w.detach().to(dt), b.detach().to(dt))[0],
+                                   atol=tol, rtol=0)
+        (gx,) = torch.autograd.grad(y.sum(), xh)
+        assert gx.dtype == dt and bool(torch.isfinite(gx).all())
+
+
+def test_batchnorm_relu_runs_the_ext_kernel():
+    """Under the forced backend the op is the extension's autograd Function, not torch's."""
+    x = torch.randn(16, 8, requires_grad=True)
+    y = ops.batchnorm_relu(x, torch.ones(8), torch.zeros(8))
+    assert type(y.grad_fn).__name__ == "BatchNormReluFunctionBackward"
