@@ -3,9 +3,9 @@
 //
 // Why: in a stage-1 step on the CPU, torch's batch norm forward / backward and the ReLU's
 // forward / backward are four separate passes over [2B, H] (plus the autograd graph
-// between them) and cost ~23% of the step at K <= 100, where everything but the heads'
-// GEMMs is meant to be small. A block of 64 columns of a [1024, 512] batch is 256 KiB, so
-// a block's passes (mean, variance, output) run out of L2.
+// between them) and cost ~23% of the step at K <= 100 in torch's profiler, where
+// everything but the heads' GEMMs is meant to be small; fused, the step is 4-8% faster
+// (benchmarks/RESULTS.md). A block's passes (mean, variance, output) run out of L2.
 //
 // Semantics are those of the reference (F.relu(F.batch_norm(h, training=True))): biased
 // variance in the normalisation, two-pass mean / variance, float32 compute (float64 for
@@ -18,7 +18,6 @@
 #include <cmath>
 #include <cstdint>
 #include <tuple>
-#include <vector>
 
 namespace semclust_ext {
 namespace {
@@ -80,6 +79,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const at
   return {y, mean, var, rstd};
 }
 
+// the ReLU's gradient from h: the forward's pre-activation h scale + shift, recomputed by
+// the same expression so the mask is the forward's. Load first, then select: GCC does not
+// vectorise a conditional load
+template <typename T>
+inline T relu_grad(T hv, T gv, T scale, T shift) {
+  return hv * scale + shift > T(0) ? gv : T(0);
+}
+
 // g = gy * [pre > 0] (pre = the forward's h scale + shift, recomputed from h so that y
 // need not be read: two [B, C] inputs per block, not three, stay in L2);
 // xhat = (h - mean) rstd; dbeta = sum_i g; dgamma = sum_i g xhat;
@@ -113,9 +120,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
         const int64_t o = i * C + c0;
 #pragma omp simd
         for (int64_t c = 0; c < nc; ++c) {
-          // load first, then select: GCC does not vectorise a conditional load
-          const T hv = hp[o + c], gv = gp[o + c];
-          const T g = hv * scale[c] + shift[c] > T(0) ? gv : T(0);
+          const T hv = hp[o + c];
+          const T g = relu_grad(hv, gp[o + c], scale[c], shift[c]);
           sg[c] += g;
           sgx[c] += g * (hv - m[c]) * rs[c];
         }
@@ -130,8 +136,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
         const int64_t o = i * C + c0;
 #pragma omp simd
         for (int64_t c = 0; c < nc; ++c) {
-          const T hv = hp[o + c], gv = gp[o + c];
-          const T g = hv * scale[c] + shift[c] > T(0) ? gv : T(0);
+          const T hv = hp[o + c];
+          const T g = relu_grad(hv, gp[o + c], scale[c], shift[c]);
           dhp[o + c] = wp[c0 + c] * rs[c] * (g - cm[c] - (hv - m[c]) * cx[c]);
         }
       }

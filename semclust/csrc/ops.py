@@ -262,18 +262,12 @@ def batchnorm_relu(h: Tensor, weight: Tensor, bias: Tensor, running_mean: Option
     if not training:
         return reference.batchnorm_relu(h, weight, bias, running_mean, running_var, False, momentum, eps)
     y, mean, var = BatchNormReluFunction.apply(h, weight, bias, float(eps))
-    if running_mean is not None or running_var is not None:
-        with torch.no_grad():
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-            m = 1.0 / float(num_batches_tracked) if momentum is None else float(momentum)
-            b = h.shape[0]
-            if running_mean is not None:
-                running_mean.mul_(1.0 - m).add_(mean.to(running_mean.dtype), alpha=m)
-            if running_var is not None:  # unbiased, as nn.BatchNorm1d keeps it
-                running_var.mul_(1.0 - m).add_(var.to(running_var.dtype), alpha=m * b / (b - 1))
-    elif num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
+    m, b = reference.bn_momentum(momentum, num_batches_tracked), h.shape[0]
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.mul_(1.0 - m).add_(mean.to(running_mean.dtype), alpha=m)
+        if running_var is not None:  # unbiased, as nn.BatchNorm1d keeps it
+            running_var.mul_(1.0 - m).add_(var.to(running_var.dtype), alpha=m * b / (b - 1))
     return y
 
 

@@ -172,14 +172,20 @@ def balance(probs_or_colsum: Tensor, n: Optional[int] = None, weights: Optional[
     return BalanceResult(marginal, entropy, kl)
 
 
+def bn_momentum(momentum: Optional[float], num_batches_tracked: Optional[Tensor]) -> float:
+    """A training step's factor for the running statistics, nn.BatchNorm1d's rule: counts
+    the batch in `num_batches_tracked` (if given), then `momentum`, or when it is None a
+    cumulative average, 1 / batches seen."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    return 1.0 / float(num_batches_tracked) if momentum is None else float(momentum)
+
+
 def batchnorm_relu(h: Tensor, weight: Tensor, bias: Tensor, running_mean: Optional[Tensor] = None,
                    running_var: Optional[Tensor] = None, training: bool = True, momentum: Optional[float] = 0.1,
                    eps: float = 1e-5, num_batches_tracked: Optional[Tensor] = None) -> Tensor:
     """relu(batch_norm(h)), torch's own ops (`semclust.ops.batchnorm_relu` has the math)."""
-    if training and num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-    # momentum None: a cumulative average, the factor 1 / batches seen (nn.BatchNorm1d's rule)
-    m = 0.0 if not training else (1.0 / float(num_batches_tracked) if momentum is None else momentum)
+    m = bn_momentum(momentum, num_batches_tracked) if training else 0.0
     return torch.relu(torch.nn.functional.batch_norm(h, running_mean, running_var, weight, bias, training, m, eps))
 
 
