@@ -4,7 +4,7 @@
 // Why: in a stage-1 step on the CPU, torch's batch norm forward / backward and the ReLU's
 // forward / backward are four separate passes over [2B, H] (plus the autograd graph
 // between them) and cost ~23% of the step at K <= 100 in torch's profiler, where
-// everything but the heads' GEMMs is meant to be small; fused, the step is 4-8% faster
+// everything but the heads' GEMMs is meant to be small; fused, the step is 6-8% faster at K = 10
 // (benchmarks/RESULTS.md). A block's passes (mean, variance, output) run out of L2.
 //
 // Semantics are those of the reference (F.relu(F.batch_norm(h, training=True))): biased
