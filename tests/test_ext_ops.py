@@ -190,7 +190,8 @@ def test_fake_kernels():
 
 # ---- batchnorm_relu ----------------------------------------------------------------------
 # (tests/ops/test_batchnorm_relu.py has the full suite; these run it on the ext kernel even
-# when the extension was not built before collection, across its 32-column blocks)
+# when the extension was not built before collection, and across its per-thread column
+# ranges: their width depends on the thread count, so 1, 2 and 3 threads split C apart)
 
 
 def _bn_formula(h, w, b, eps=1e-5):
@@ -199,8 +200,16 @@ def _bn_formula(h, w, b, eps=1e-5):
     return torch.clamp((x - mean) / torch.sqrt(var + eps) * w.double() + b.double(), min=0), mean, var
 
 
-@pytest.mark.parametrize("b_,c", [(2, 1), (65, 97), (300, 64), (1024, 512)])
-def test_batchnorm_relu_forward_backward_and_running_stats(b_, c):
+@pytest.fixture(params=[1, 2, 3], ids=lambda n: f"threads{n}")
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("b_,c", [(2, 1), (65, 97), (300, 64), (40, 530), (1024, 512)])
+def test_batchnorm_relu_forward_backward_and_running_stats(b_, c, threads):
     g = torch.Generator().manual_seed(c)
     x = (3 * torch.randn(b_, c, generator=g) + 1).requires_grad_()
     w = (1 + 0.5 * torch.randn(c, generator=g)).requires_grad_()

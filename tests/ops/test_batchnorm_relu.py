@@ -27,7 +27,7 @@ def params(c, dtype=torch.float32):
 
 
 # odd shapes across the ext kernel's 32-column blocks; B = 2 is the smallest batch
-SHAPES = [(2, 1), (2, 33), (7, 3), (64, 32), (65, 97), (300, 64)]
+SHAPES = [(2, 1), (2, 33), (7, 3), (64, 32), (65, 97), (300, 64), (40, 530)]
 
 
 @pytest.mark.parametrize("b_,c", SHAPES)
