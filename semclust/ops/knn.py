@@ -23,7 +23,8 @@ def knn(
 
     Database `x` [N, D]; `queries` [Q, D] (default: x itself, then `exclude_self` drops
     each row's own index). Scores the database one [query_chunk, database_chunk] tile at
-    a time with a running top-k, so memory is O(query_chunk x (database_chunk + k)).
+    a time (the torch backend also caps a tile at 2^23 scores, the extension uses fixed
+    tiles) with a running top-k, so memory is O(query_chunk x (database_chunk + k)).
     Ties keep the lower database index.
 
     Returns:

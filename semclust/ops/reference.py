@@ -51,6 +51,10 @@ class StepResult(NamedTuple):
 
 
 _CENTER_CHUNK = 65536
+# elements of one knn score tile [query rows, database rows]: the merge below holds ~7x
+# its float32 size (scores, candidates, their int64 ids, the sort's values and indices),
+# so 2^23 keeps a tile near 200 MB; the default 4096 x 65536 chunks alone were ~7 GB
+_KNN_TILE = 1 << 23
 _EPS = 1e-8
 
 
@@ -102,17 +106,20 @@ def knn(
     query_chunk: int = 4096,
     database_chunk: int = 65536,
 ) -> tuple[Tensor, Tensor]:
-    """Exact top-k inner-product search; a running top-k merges database chunks."""
+    """Exact top-k inner-product search; a running top-k merges database chunks of at
+    most `database_chunk` rows and at most _KNN_TILE scores per tile."""
     dt = _compute_dtype(x) if queries is None else _compute_dtype(x, queries)
     q_all = x if queries is None else queries
     drop_self = queries is None and exclude_self
     scores_out, idx_out = [], []
     for qs in range(0, q_all.shape[0], query_chunk):
         q = q_all[qs : qs + query_chunk].to(dt)
+        # the lists do not depend on the database step (the merge is exact, ties included)
+        step = min(database_chunk, max(k, _KNN_TILE // q.shape[0]))
         best_s = torch.full((q.shape[0], 0), -math.inf, dtype=dt, device=x.device)
         best_i = torch.zeros((q.shape[0], 0), dtype=torch.int64, device=x.device)
-        for ds in range(0, x.shape[0], database_chunk):
-            sim = q @ x[ds : ds + database_chunk].to(dt).T
+        for ds in range(0, x.shape[0], step):
+            sim = q @ x[ds : ds + step].to(dt).T
             if drop_self:
                 rows = torch.arange(q.shape[0], device=x.device)
                 cols = rows + qs - ds

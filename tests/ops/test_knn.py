@@ -109,6 +109,26 @@ def test_big_torch_only(h):
     check(h, *ops.knn(x, 50, query_chunk=1000, database_chunk=700), x, 50, torch.float32)
 
 
+def test_torch_tile_cap_keeps_the_lists(h, monkeypatch):
+    """The torch backend narrows a database step to _KNN_TILE scores per tile whatever
+    database_chunk says (the default 4096 x 65536 chunks held ~7 GB); the lists, ties
+    included, are those of the uncapped search."""
+    from semclust.ops import reference
+
+    x = torch.randint(-2, 3, (300, 4)).float()  # exact ties in every query's list
+    want = ops.knn(x, 12, query_chunk=300, database_chunk=300)
+    steps = []
+    real_mm = torch.Tensor.__matmul__
+    monkeypatch.setattr(reference, "_KNN_TILE", 300 * 17)  # 17 database rows per tile
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: steps.append(b.shape[1]) or real_mm(a, b))
+    got = ops.knn(x, 12, query_chunk=300, database_chunk=300)
+    monkeypatch.undo()
+    assert max(steps) == 17 and len(steps) == -(-300 // 17)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    monkeypatch.setattr(reference, "_KNN_TILE", 5)  # below k: a step keeps k rows
+    assert torch.equal(ops.knn(x, 12, query_chunk=300, database_chunk=300)[1], want[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_dtypes(backend, h, dtype):
     x = h.unit(100, 64, dtype)
