@@ -12,6 +12,10 @@ Step rows (batch B in {512, 4096}, D = 512, K in {10, 100, 1000}; hidden 512, Ad
   The "loss" columns time the part the extension replaces (loss forward + backward to the
   logits) on the same inputs; the step columns include the heads' GEMMs, which are the
   same torch calls on every path.
+  Floors: "GEMMs" times the heads' forward and backward GEMMs alone ("ext / GEMMs", the
+  roofline of issue 11); "loss GEMMs" the GEMMs the loss itself needs (soft centres,
+  centre logits and target, the cluster-level Gram matrices, with their gradients), so
+  "ext / all GEMMs" is the step over every GEMM it has to run.
 
 With --device cuda the step runs on the GPU (ext = the CUDA part of the extension), timed
 with a synchronize after each call; the op rows below are the extension's CPU paths and
@@ -175,6 +179,22 @@ def bench_step(b: int, k: int, d: int, repeats: int, with_compile: bool) -> dict
             dh = g @ w2
             dh.T @ x
 
+    def loss_gemms():
+        """The loss's own GEMMs on the same shapes, forward and backward to the logits'
+        inputs (what an ideal fused loss still computes): the soft centres P^T u, Q^T v
+        and their gradients, the K x K centre logits, the centre target v c^T, and the
+        two cluster-level InfoNCE Gram matrices Z Z^T (Z = [P; Q_n]^T, [2K, B]) with
+        their gradients (G + G^T) Z. Inputs are made outside: GEMMs alone are timed."""
+        for a, x in ((p0, u), (q0, v)):
+            c = a.T @ x
+            c @ x.T  # dP = dC x^T, [K, B]
+        s = ci0 @ ct0.T
+        s @ ct0, s.T @ ci0
+        v @ centers.T
+        for z in grams:
+            gram = z @ z.T
+            gram @ z
+
     row = {"B": b, "K": k, "D": d}
     impls = {"eager": fused_step_reference, "ext": fused_step_ext}
     columns = Stage1Config().cluster_columns
@@ -201,15 +221,22 @@ def bench_step(b: int, k: int, d: int, repeats: int, with_compile: bool) -> dict
             impls["compile"] = compiled
         except Exception as e:  # inductor needs a working compiler toolchain
             row["compile"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-    steps = timeit_many({**{name: make_step(fn) for name, fn in impls.items()}, "gemms": heads_gemms}, repeats)
-    row["gemms"] = steps.pop("gemms")
+    with torch.no_grad():
+        (p0, pn0), (q0, qn0) = (torch.softmax(t, 1).split(b) for t in (heads.image(x_i), heads.text(x_t)))
+        ci0, ct0 = p0.T @ u, q0.T @ v
+        grams = [torch.cat([p0.T, qn0.T]).contiguous(), torch.cat([q0.T, pn0.T]).contiguous()]
+    steps = timeit_many({**{name: make_step(fn) for name, fn in impls.items()}, "gemms": heads_gemms,
+                         "loss_gemms": loss_gemms}, repeats)
+    row["gemms"], row["loss_gemms"] = steps.pop("gemms"), steps.pop("loss_gemms")
     loss_only = timeit_many({name: make_loss_only(fn) for name, fn in impls.items()}, repeats)
     for name, fn in impls.items():
         row.setdefault(name, {}).update(steps[name])
         row[name]["loss_only"] = loss_only[name]
         row[name]["peak_mb"] = peak_mb(make_step(fn))
+    all_gemms = row["gemms"]["median_ms"] + row["loss_gemms"]["median_ms"]
     for name in impls:  # the roofline: step time over its GEMMs' time (1.0 = nothing but the GEMMs)
         row[name]["over_gemms"] = row[name]["median_ms"] / row["gemms"]["median_ms"]
+        row[name]["over_all_gemms"] = row[name]["median_ms"] / all_gemms
     row["ext_speedup_step"] = row["eager"]["median_ms"] / row["ext"]["median_ms"]
     row["ext_speedup_loss"] = row["eager"]["loss_only"]["median_ms"] / row["ext"]["loss_only"]["median_ms"]
     return row
@@ -318,7 +345,8 @@ def _flat(r: dict) -> dict:
             "ext ms": r["ext"]["median_ms"], "ext x step": r["ext_speedup_step"],
             "subset ms": r.get("subset", {}).get("median_ms"),
             "GEMMs ms": r["gemms"]["median_ms"], "eager / GEMMs": r["eager"]["over_gemms"],
-            "ext / GEMMs": r["ext"]["over_gemms"],
+            "ext / GEMMs": r["ext"]["over_gemms"], "loss GEMMs ms": r["loss_gemms"]["median_ms"],
+            "ext / all GEMMs": r["ext"]["over_all_gemms"],
             "eager loss ms": r["eager"]["loss_only"]["median_ms"], "ext loss ms": r["ext"]["loss_only"]["median_ms"],
             "ext x loss": r["ext_speedup_loss"], "eager MB": r["eager"]["peak_mb"],
             "compile MB": r.get("compile", {}).get("peak_mb"), "ext MB": r["ext"]["peak_mb"]}
@@ -332,6 +360,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--no-ops", action="store_true", help="skip the CPU op rows")
     p.add_argument("--no-steps", action="store_true", help="skip the step rows (only the CPU op rows)")
     p.add_argument("--shape", action="append", default=[], metavar="B,K", help="step shapes instead of the default set")
+    p.add_argument("--repeats", type=int, default=0, help="timed calls per candidate (default 5, 2 with --quick)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall clock, or the process's CPU time (steadier with --threads 1 on a shared machine; "
                         "with more threads it also counts OpenMP's spin-waiting)")
@@ -351,7 +380,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from semclust import csrc as ext
 
     ext.build(cuda=DEVICE.type == "cuda")
-    repeats = 2 if a.quick else 5
+    if a.repeats < 0:
+        p.error(f"--repeats must be >= 1, got {a.repeats}")
+    repeats = a.repeats or (2 if a.quick else 5)
     shapes = [(512, 10), (512, 100)] if a.quick else [(b, k) for b in (512, 4096) for k in (10, 100, 1000)]
     if a.shape:
         try:
@@ -376,7 +407,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if "error" in row.get("compile", {}):
             print(f"  torch.compile: {row['compile']['error']}")
     cols = ["B", "K", "eager ms", "compile ms", "ext ms", "ext x step", "subset ms", "GEMMs ms", "eager / GEMMs",
-            "ext / GEMMs", "eager loss ms", "ext loss ms", "ext x loss", "eager MB", "compile MB", "ext MB"]
+            "ext / GEMMs", "loss GEMMs ms", "ext / all GEMMs", "eager loss ms", "ext loss ms", "ext x loss", "eager MB", "compile MB", "ext MB"]
     table_rows = [_flat(r) for r in steps]
     if table_rows:
         print("\nstage-1 step (median ms; 'x' = eager / ext)\n" + _table(table_rows, cols))
