@@ -51,23 +51,14 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from semclust.runtime.mmap import trim_heap
+
 # ---- measurement -------------------------------------------------------------------------
 
 
 def _proc_status() -> dict[str, int]:
     with open("/proc/self/status") as f:
         return {k: int(v.split()[0]) * 1024 for k, v in (ln.split(":", 1) for ln in f) if k in ("VmHWM", "VmRSS")}
-
-
-def _malloc_trim() -> None:
-    """Hand freed heap memory back to the OS (glibc), so that a call's allocations show in
-    the RSS instead of being served from memory an earlier call left behind."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def peak_mb(fn: Callable[[], object]) -> Optional[float]:
@@ -81,7 +72,7 @@ def peak_mb(fn: Callable[[], object]) -> Optional[float]:
         torch.cuda.synchronize(DEVICE)
         return round((torch.cuda.max_memory_allocated(DEVICE) - base) / 2**20, 1)
     try:
-        _malloc_trim()
+        trim_heap()  # a call's allocations show in the RSS, not served from memory an earlier call left
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS
         base = _proc_status()["VmRSS"]

@@ -1,4 +1,5 @@
-"""Memory-mapped rows: zero-copy tensors over numpy maps, page release, data fingerprints."""
+"""Memory-mapped rows: zero-copy tensors over numpy maps, page release, data fingerprints;
+the C heap's free pages handed back (`trim_heap`)."""
 
 from __future__ import annotations
 
@@ -75,3 +76,18 @@ def release(*tensors: Tensor | np.memmap) -> None:
                 del _MAPPED[base]
             elif base <= ptr < base + size and hasattr(arr._mmap, "madvise"):
                 arr._mmap.madvise(mmap.MADV_DONTNEED)
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere).
+
+    Memory that C++ code frees stays in the process's heap for reuse, counted in its RSS:
+    after the 1M-row kNN, whose two faiss IVF indexes took 1.3 GB each, 2.2 GB of
+    anonymous memory stayed resident through stage 1 (peak RSS 4.5 GB). malloc_trim
+    returns every free page, not only those at the top of the heap."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
