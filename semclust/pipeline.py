@@ -236,6 +236,7 @@ def name_clusters(v: Tensor, labels: Tensor, bank: Tensor, names: list[str], k: 
     """
     # the op reads v (perhaps a memory-mapped [N, D] fp16 workspace array) in row chunks
     centres, counts = ops.center_update(v, k, labels=labels.to(v.device))
+    release(v)
     scores = centres.float().to(bank.device) @ bank.float().T  # [K, W'] cosines
     best, idx = scores.topk(min(top, bank.shape[0]), dim=1)
     return [[] if counts[c] == 0 else [(names[j], round(s, 4)) for s, j in zip(best[c].tolist(), idx[c].tolist(), strict=True)]

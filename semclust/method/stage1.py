@@ -266,5 +266,6 @@ def train_stage1(
     heads.eval()
     lo, hi = dist.shard_range(n, rank, world)
     labels, conf = heads.predict(u[lo:hi], v[lo:hi] if cfg.predict_with == "both" else None, chunk_size=chunks.assign)
+    release(u, v)  # the prediction read every row of both
     labels, conf = dist.all_gather_rows(labels), dist.all_gather_rows(conf)
     return Stage1Result(heads, labels, conf, history)
