@@ -294,6 +294,7 @@ def fit(inputs: Inputs, *, k: Optional[int], stage: int, cfg: Config, seed: int,
             labels, conf, centers, history2 = r2.labels.to(device), r2.conf.to(device), r2.centers, r2.history
         else:
             centers, _ = ops.center_update(u, k, labels=labels.to(u.device))
+            release(u)  # read every row
         with phases("names"):
             names = name_clusters(v, labels, bank, noun_labels(nouns, space.noun_index), k)
         history = {
