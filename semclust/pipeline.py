@@ -199,7 +199,8 @@ def neighbour_lists(u: Tensor, v: Tensor, ws: Workspace, cfg: Config, seed: int,
     # the re-layout), so a run's kNN files do not depend on it
     lists = {name: neighbours.knn_lists(z, m, cfg.chunks, nc, seed=0, ws=ws, name=name, progress=progress)
              for name, z in spaces.items()}
-    trim_heap()  # the IVF indexes are gone, their memory is not: 2.2 GB at 1M rows
+    if nc.method == "ivf":
+        trim_heap()  # the IVF indexes are gone, their memory is not: 2.2 GB at 1M rows
     recall = None
     if nc.method != "exact" and nc.recall_sample:
         recall = {}

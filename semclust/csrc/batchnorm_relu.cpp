@@ -51,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const at
   const int64_t B = h.size(0), C = h.size(1);
   at::Tensor y = at::empty({B, C}, h.options());
   at::Tensor mean = at::empty({C}, h.options()), var = at::empty({C}, h.options()), rstd = at::empty({C}, h.options());
-  // per column: the sum, then the squared deviations, then scale / shift of the output
+  // per column: the output's scale and shift (the sums accumulate in mean, then var)
   at::Tensor scale = at::empty({C}, h.options()), shift = at::empty({C}, h.options());
   const T* hp = h.data_ptr<T>();
   const T* wp = w.data_ptr<T>();

@@ -15,8 +15,9 @@ What it provides:
                      the running top-k's insertions rival the small GEMM)
       center_update  hard labels 1.7-3.5x; soft at stage-1 sizes ~1.8x (large N: the
                      same GEMM as torch, 1.0x)
-      batchnorm_relu the heads' BN + ReLU in training, forward and backward one pass
-                     each per column block: a stage-1 step 6-8% faster at K = 10
+      batchnorm_relu the heads' BN + ReLU in training, forward and backward fused, each
+                     thread streaming the rows through its own column range: a stage-1
+                     step 6-8% faster at K = 10
     Not implemented: `retrieve` (an ext version measured 0.8-1.16x torch: two GEMMs
     either way, so no reliable gain; it was removed) and `balance` (only the Python loss
     graph uses it, and `fused_step` replaces that graph).

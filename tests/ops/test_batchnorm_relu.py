@@ -26,7 +26,8 @@ def params(c, dtype=torch.float32):
     return (1 + 0.5 * torch.randn(c, dtype=torch.float64)).to(dtype), (0.3 * torch.randn(c, dtype=torch.float64)).to(dtype)
 
 
-# odd shapes across the ext kernel's 32-column blocks; B = 2 is the smallest batch
+# odd shapes across the ext kernel's per-thread column ranges (>= 64 columns, multiples of
+# 16); B = 2 is the smallest batch
 SHAPES = [(2, 1), (2, 33), (7, 3), (64, 32), (65, 97), (300, 64), (40, 530)]
 
 
