@@ -253,6 +253,10 @@ def fit(inputs: Inputs, *, k: Optional[int], stage: int, cfg: Config, seed: int,
     encoder (loaded on first call), needed for images and for word nouns. k=None: K is
     estimated within `k_range` (phase "k_search") after the rows are in place."""
     phases = Phases()
+    # which backend each op runs on: an extension not built for these sources is skipped
+    # by the automatic choice, which a log of timings should show
+    log.info("op backends on %s: %s", torch.device(device).type,
+             ", ".join(f"{op}={b}" for op, b in ops.resolved_backends(device).items()))
     nouns = resolve_nouns(nouns)
     with phases("encode"):
         enc = encode(inputs, encoder, k if k is not None else k_range[0], cfg, device, progress)

@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from semclust.method.k_search import CRITERIA, KSearch, choose, estimate_k, k_grid
+from semclust.method import k_search
+from semclust.method.k_search import CRITERIA, PARTITIONS, KSearch, choose, estimate_k, k_grid
 
 SCORE_KEYS = {"k", "cross_modal_gap", "gap_se", "cross_modal", "null_cross_modal", "silhouette", "image_silhouette",
-              "objective"}
+              "objective", "partition"}
 
 
 def _blobs(k=6, n=600, d=16, seed=0):
@@ -59,13 +60,48 @@ def test_k_range_is_respected_and_scores_have_every_criterion():
     assert ks.at_range_end == (ks.k in (8, 12))  # the true 6 is below the range
     for s in ks.scores:
         assert set(s) == SCORE_KEYS
-        assert all(isinstance(s[c], float) for c in SCORE_KEYS - {"k"})
+        assert all(isinstance(s[c], float) for c in SCORE_KEYS - {"k", "partition"})
+        assert s["partition"] in PARTITIONS
     assert 1 <= len(ks.rounds) <= 2 and ks.rounds[0]["k0"] == 12
     assert ks.sample == u.shape[0] and ks.seconds > 0
     assert "cross_modal_gap" in ks.table() and isinstance(ks.to_dict()["scores"], list)
     # a single-K range tries that K only
     one = estimate_k(u, nouns, (5, 5), rounds=1)
     assert one.k == 5 and [s["k"] for s in one.scores] == [5]
+
+
+def _shared_parts(k=5, n=1500, d=24, seed=0):
+    """k concepts the images separate cleanly; 30% of the rows' counterparts are one of
+    two nouns every concept shares (a "part": grass, sky), orthogonal to the concepts."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g))[0]
+    concepts, parts = basis[:k], basis[k:k + 2]
+    labels = torch.arange(n) % k
+    u = F.normalize(concepts[labels] + 0.25 * torch.randn(n, d, generator=g), dim=1)
+    shared = (torch.rand(n, generator=g) < 0.3)[:, None]
+    v = torch.where(shared, parts[torch.randint(2, (n,), generator=g)], concepts[labels])
+    return u, F.normalize(v + 0.1 * torch.randn(n, d, generator=g), dim=1), labels
+
+
+def test_each_k_scores_its_best_candidate_partition(monkeypatch):
+    """k-means of v alone spends clusters on the shared-part piles and merges concepts at
+    the true K; the joint candidate keeps the concepts, so it is the one K = 5 scores."""
+    from semclust.config import Config
+    from semclust.metrics import cluster_accuracy
+
+    u, v, y = _shared_parts()
+    perm = torch.randperm(u.shape[0], generator=torch.Generator().manual_seed(0))
+    fit, ev = perm[:750], perm[750:]
+    both = k_search._cross_modal(u, v, 5, fit, ev, Config(), 0, 1)
+    assert both["partition"] == "joint"
+    monkeypatch.setattr(k_search, "PARTITIONS", ("text",))
+    text = k_search._cross_modal(u, v, 5, fit, ev, Config(), 0, 1)
+    assert text["partition"] == "text" and both["mean"] > text["mean"] + 0.02
+    assert both["objective"] == text["objective"]  # always the text partition's objective
+    # what the two candidates make of the concepts
+    joint = k_search.ops.kmeans(k_search._joint_space(u, v), 5, seed=0).labels
+    alone = k_search.ops.kmeans(v, 5, seed=0).labels
+    assert cluster_accuracy(y.numpy(), joint.numpy()) > 0.95 > 0.85 > cluster_accuracy(y.numpy(), alone.numpy())
 
 
 def test_grid_is_geometric_distinct_and_inclusive():

@@ -6,7 +6,7 @@ scores), whether the chosen estimate is within +-20% of the true K ("ok"), and s
 "superclass" has 20 classes of 4 sub-classes each whose nouns name only the sub-classes:
 "ok" counts 20 only, "ok_any_level" counts 20 or 80.
 
-    python -m semclust.bench.k [--scenarios gap,k100] [--seeds 3] [--sample 8000] [--acc] [--json out.json]
+    python -m semclust.bench.k [--scenarios gap,k100] [--seeds 3] [--first-seed 0] [--sample 8000] [--acc] [--json out.json]
 
 --json also keeps every run's score table (`KSearch.scores`).
 
@@ -91,7 +91,8 @@ def table(rows: list[dict]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenarios", default=DEFAULT, help="comma-separated names of semclust.synthetic.SCENARIOS")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="seeds first-seed, ..., first-seed + seeds - 1")
+    p.add_argument("--first-seed", type=int, default=0, help="e.g. 3 for held-out seeds 3-5 with --seeds 3")
     p.add_argument("--sample", type=int, default=8000)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--restarts", type=int, default=1, help="k-means restarts per K and draw (estimate_k's default)")
@@ -104,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         a.scenarios, a.seeds = "balanced", 1
     rows = []
     for name in a.scenarios.split(","):
-        for seed in range(a.seeds):
+        for seed in range(a.first_seed, a.first_seed + a.seeds):
             rows.append(run(name, seed, a.sample, a.rounds, a.acc, a.restarts, a.draws))
             print(json.dumps({c: x for c, x in rows[-1].items() if c != "scores"}), flush=True)
     print(table(rows))

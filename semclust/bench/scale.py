@@ -84,7 +84,7 @@ def noun_bank() -> torch.Tensor:
 
 def run_ours(store: Path, k: int, kmeans_iters: int, restarts: int, epochs: int, knn: str, work: Path,
              reuse: bool = False, device: str = "cpu", config: Optional[dict] = None) -> dict:
-    from semclust import SemanticClusterer
+    from semclust import SemanticClusterer, ops
     from semclust.config import Config
     from semclust.runtime.report import Phases
 
@@ -104,7 +104,7 @@ def run_ours(store: Path, k: int, kmeans_iters: int, restarts: int, epochs: int,
         labels = model.predict(str(store))
     return {"phases": model.history_["phases"] + phases.rows, "epoch_seconds": [r["seconds"] for r in model.history_["stage1"]],
             "clusters_used": int(np.unique(labels).size), "knn_recall": model.history_.get("knn_recall"),
-            "nouns_selected": model.history_["nouns_selected"]}
+            "nouns_selected": model.history_["nouns_selected"], "backends": ops.resolved_backends(device)}
 
 
 def run_faiss(store: Path, k_means: int, kmeans_iters: int, knn_k: int, knn: str) -> dict:
@@ -229,6 +229,8 @@ def _print(rows: list[dict]) -> None:
             f = r["faiss"]
             print(f"{r['n']:>9} {'':>5} {'faiss kmeans':<13}{f['kmeans_seconds']:>9.1f}\n"
                   f"{r['n']:>9} {'':>5} {'faiss knn x1':<13}{f['knn_seconds_one_modality']:>9.1f} {f['peak_rss_mb']:>13.0f}")
+    for r in rows[:1]:  # every row runs in a child of the same checkout: one line says which backends timed it
+        print("op backends: " + ", ".join(f"{op}={b}" for op, b in r["ours"].get("backends", {}).items()))
     for r in rows:
         if r["n"] == 1_000_000:
             proj = _project(r, 10.0)

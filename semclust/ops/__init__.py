@@ -11,7 +11,7 @@ from .assign import assign
 from .batchnorm_relu import batchnorm_relu
 from .balance import balance
 from .center_update import center_update
-from .dispatch import BackendUnavailable, available_backends, use_backend
+from .dispatch import BackendUnavailable, available_backends, resolved_backends, use_backend
 from .fused_step import fused_step
 from .kmeans import kmeans
 from .knn import knn
@@ -21,6 +21,6 @@ from .retrieve import retrieve
 
 __all__ = [
     "assign", "retrieve", "knn", "center_update", "balance", "kmeans", "fused_step", "batchnorm_relu", "normalize_rows",
-    "use_backend", "available_backends", "BackendUnavailable",
+    "use_backend", "available_backends", "resolved_backends", "BackendUnavailable",
     "AssignResult", "BalanceResult", "KMeansResult", "StepResult",
 ]

@@ -116,6 +116,21 @@ def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
     raise BackendUnavailable(f"no backend implements {op}")  # torch implements every op
 
 
+def resolved_backends(device: str | torch.device = "cpu") -> dict[str, str]:
+    """Map op -> the backend `resolve` picks for it on `device` now (the forced one, or
+    the automatic choice): what a run will use, to log beside its timings (an extension
+    not built for the current sources is skipped by the automatic choice). Never raises:
+    an op the forced backend cannot run reads "<backend> (cannot run it)"."""
+    dev = torch.device(device)
+    out = {}
+    for op in sorted(_IMPLS["torch"]):
+        try:
+            out[op] = resolve(op, dev)[0]
+        except BackendUnavailable:  # a forced backend without the op: its callers decide (e.g. heads keep nn.BatchNorm1d)
+            out[op] = f"{forced()} (cannot run it)"
+    return out
+
+
 def available_backends(device: str | torch.device = "cpu") -> dict[str, Optional[str]]:
     """Map backend name -> None when usable on `device`, else the reason it is not."""
     dev = torch.device(device)

@@ -35,6 +35,21 @@ def test_available_backends_shape():
     assert ops.available_backends(torch.device("cpu")) == avail
 
 
+def test_resolved_backends_names_what_each_op_runs_on():
+    with ops.use_backend(None):
+        auto = ops.resolved_backends("cpu")
+        assert set(auto) == set(dispatch._IMPLS["torch"]) and {"assign", "knn", "fused_step"} <= set(auto)
+        assert auto == {op: active(op) for op in auto}
+        # the automatic choice skips a backend that cannot run (e.g. an extension not built for these sources)
+        for op, b in auto.items():
+            assert dispatch.unavailable_reason(b, op, CPU) is None
+    with ops.use_backend("torch"):
+        assert set(ops.resolved_backends(CPU).values()) == {"torch"}
+    with ops.use_backend("triton"):  # on CPU without TRITON_INTERPRET: named, not raised
+        if ops.available_backends("cpu")["triton"] is not None:
+            assert set(ops.resolved_backends("cpu").values()) == {"triton (cannot run it)"}
+
+
 def test_use_backend_call_form_persists():
     with ops.use_backend(None):  # this test's own scope (the autouse fixture forced torch)
         assert dispatch.forced() is None
