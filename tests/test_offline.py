@@ -64,7 +64,11 @@ def test_unreachable_hub_fails_fast(not_cached, monkeypatch):
 
 def test_hanging_lookup_is_cut_off_within_5s(not_cached, monkeypatch):
     # a DNS lookup that hangs is not bounded by the socket timeout: the probe thread is
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(30))
+    def hang(*a, **k):  # then fail as a lookup that finally gives up does (the daemon thread outlives the test)
+        time.sleep(30)
+        raise OSError("lookup timed out")
+
+    monkeypatch.setattr(socket, "create_connection", hang)
     t0 = time.perf_counter()
     with pytest.raises(WeightsUnavailableError, match="no answer within 2 s"):
         ClipEncoder.load("ViT-B-32", pretrained="openai")
