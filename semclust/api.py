@@ -106,7 +106,8 @@ class SemanticClusterer:
     Args:
         n_clusters: K >= 2 (the only positional parameter), or "auto": K estimated from the
             data within `k_range` before the fit (`method.k_search.estimate_k`: the K whose
-            counterpart clusters the image features back most, less the same score on a
+            clusters (of the counterparts, or of both modalities, whichever scores better)
+            both modalities place each row in most, less the same score on a
             structureless null reference (a gap statistic), on a row sample; the scores
             of every K tried are in ``history_["k_search"]``); the K used is ``n_clusters_``.
         k_range: (k_min, k_max) searched when n_clusters="auto".

@@ -258,7 +258,7 @@ def _cross_modal(u: Tensor, v: Tensor, k: int, fit: Tensor, ev: Tensor, cfg: Con
     and of the joint space) into k clusters, scored on the held-out rows `ev`: the per-row
     product of the text silhouette and the (clipped) image margin, its mean, standard
     error and parts, and which candidate it was."""
-    best = None
+    best, objective = None, None
     for name in PARTITIONS:
         x = v if name == "text" else _joint_space(u, v)
         km = ops.kmeans(x, k, iters=cfg.semantic.kmeans_iters, restarts=restarts, seed=seed, chunk_size=cfg.chunks.assign)
@@ -266,7 +266,7 @@ def _cross_modal(u: Tensor, v: Tensor, k: int, fit: Tensor, ev: Tensor, cfg: Con
         t = _image_margin(u, km.labels, k, fit, ev)
         both = s * t.clamp_min(0.0)
         mean = float(both.mean())
-        if best is None:
+        if name == "text" or objective is None:
             objective = float(km.objective)  # the text partition's: the one k-means objective comparable across K
         if best is None or mean > best["mean"]:
             # var: the squared standard error of the mean over the held-out rows
