@@ -116,7 +116,12 @@ class NeighbourConfig(_Section):
     """The kNN phase: each row's k nearest other rows, in image and in counterpart space."""
 
     k: int = option(50, low=1)  # (TAC)
-    method: str = option("exact", choices=("exact", "ivf"))  # exact: chunked, N^2 D; ivf: faiss, for N in the millions
+    # exact: chunked, N^2 D; ivf: faiss, for N in the millions; auto: exact on a GPU or up to
+    # exact_max_rows rows, ivf above (exact, with a warning, where faiss is not installed)
+    method: str = option("auto", choices=("auto", "exact", "ivf"))
+    # exact search over 10^5 rows of D = 512 takes ~1 min on a 2-core CPU, and its cost grows
+    # as N^2: 10^6 rows would take hours where IVF takes ~10 min (benchmarks/RESULTS.md)
+    exact_max_rows: int = option(100_000, low=0)
     nlist: int = option(0, low=0)  # IVF cells; 0: 4 sqrt(N)
     nprobe: int = option(16, low=1)  # IVF cells scanned per query
     recall_sample: int = option(1000, low=0)  # with "ivf": queries checked against exact search, recall@k in history_

@@ -160,12 +160,16 @@ def noun_bank(nouns: Any, dim: int, encoder: Callable[[], Any], progress: bool) 
     return t
 
 
-def run_id(inputs: Inputs, u: Optional[Tensor], bank: Tensor, k: Any, seed: int, cfg: Config) -> str:
+def run_id(inputs: Inputs, u: Optional[Tensor], bank: Tensor, k: Any, seed: int, cfg: Config,
+           device: Union[str, torch.device] = "cpu") -> str:
     """What a workspace must match to be reused: the data, the nouns, K, the seed and
-    the settings of the phases it caches."""
+    the settings of the phases it caches (the kNN search as `neighbours.resolve_method`
+    resolves it on `device`: an "auto" run resumes the lists of the search it made)."""
     data = inputs.store.fingerprint() if inputs.store is not None else fingerprint(u)
     d = cfg.to_dict()
-    knn = {f: d["neighbours"][f] for f in ("k", "method", "nlist", "nprobe")}
+    knn = {f: d["neighbours"][f] for f in ("k", "nlist", "nprobe")}
+    n = len(inputs.store) if u is None else u.shape[0]
+    knn["method"] = neighbours.resolve_method(n, device, cfg.neighbours)
     settings = {"k": k, "seed": seed, "semantic": d["semantic"], "counterparts": d["counterparts"], "knn": knn,
                 "data": data, "nouns": fingerprint(bank)}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
@@ -199,10 +203,12 @@ def neighbour_lists(u: Tensor, v: Tensor, ws: Workspace, cfg: Config, seed: int,
     # the re-layout), so a run's kNN files do not depend on it
     lists = {name: neighbours.knn_lists(z, m, cfg.chunks, nc, seed=0, ws=ws, name=name, progress=progress)
              for name, z in spaces.items()}
-    if nc.method == "ivf":
+    method = neighbours.resolve_method(n, u.device, nc, warn=True)
+    log.info("kNN: %s search over %d rows (neighbours.method = %s)", method, n, nc.method)
+    if method == "ivf":
         trim_heap()  # the IVF indexes are gone, their memory is not: 2.2 GB at 1M rows
     recall = None
-    if nc.method != "exact" and nc.recall_sample:
+    if method != "exact" and nc.recall_sample:
         recall = {}
         for name, z in spaces.items():
             recall[name] = neighbours.recall_at_k(z, lists[name], m, nc.recall_sample, seed=seed,
@@ -267,7 +273,7 @@ def fit(inputs: Inputs, *, k: Optional[int], stage: int, cfg: Config, seed: int,
     searched = k is None
     key = {"auto": list(k_range)} if searched else k
     # closed when the fit ends or fails: its lock keeps a second run out of work_dir until then
-    with Workspace(work_dir, run_id(inputs, u, bank_all, key, seed, cfg), fresh=not resume) as ws:
+    with Workspace(work_dir, run_id(inputs, u, bank_all, key, seed, cfg, device), fresh=not resume) as ws:
         if u is None:
             with phases("store"):
                 u = store_rows(inputs.store, ws, cfg, progress).to(device)

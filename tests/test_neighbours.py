@@ -111,3 +111,50 @@ def test_float16_input(n, k):
         assert got.dtype == torch.int32
         assert torch.equal(got.long(), want), (q, b)
     assert bool((got != torch.arange(n, dtype=torch.int32)[:, None]).all())
+
+
+# ---- neighbours.method = "auto" ----------------------------------------------------------
+
+from semclust.config import NeighbourConfig  # noqa: E402
+
+
+def test_auto_is_exact_up_to_the_limit_and_on_a_gpu(monkeypatch):
+    cfg = NeighbourConfig()
+    assert cfg.method == "auto"  # the default
+    limit = cfg.exact_max_rows
+    assert neighbours.resolve_method(limit, "cpu", cfg) == "exact"
+    # a GPU searches exactly at any N; nothing is looked up for it
+    assert neighbours.resolve_method(10**7, "cuda", cfg) == "exact"
+    monkeypatch.setattr(neighbours.importlib.util, "find_spec", lambda name: object())
+    assert neighbours.resolve_method(limit + 1, "cpu", cfg) == "ivf"
+    # a forced method is taken as it is, at any N
+    assert neighbours.resolve_method(10**7, "cpu", NeighbourConfig(method="exact")) == "exact"
+    assert neighbours.resolve_method(3, "cpu", NeighbourConfig(method="ivf")) == "ivf"
+
+
+def test_auto_without_faiss_stays_exact_and_says_so(monkeypatch, caplog):
+    monkeypatch.setattr(neighbours.importlib.util, "find_spec", lambda name: None)
+    cfg = NeighbourConfig(exact_max_rows=10)
+    with caplog.at_level("WARNING", logger=neighbours.log.name):
+        assert neighbours.resolve_method(11, "cpu", cfg) == "exact"
+        assert not caplog.records  # quiet unless asked: the pipeline asks once per fit
+        assert neighbours.resolve_method(11, "cpu", cfg, warn=True) == "exact"
+    assert "pip install faiss-cpu" in caplog.text and "11 rows" in caplog.text
+
+
+def test_auto_above_the_limit_searches_with_ivf(monkeypatch):
+    pytest.importorskip("faiss")
+    built = []
+    real_ivf = neighbours.ivf
+    monkeypatch.setattr(neighbours, "ivf", lambda *a, **kw: built.append(a[0].shape) or real_ivf(*a, **kw))
+    z = torch.nn.functional.normalize(_rows(400, 16, seed=3), dim=1)
+    # nprobe = nlist scans every cell: the IVF lists equal the exact ones up to fp16 ties
+    cfg = NeighbourConfig(exact_max_rows=100, nlist=4, nprobe=4)
+    got = neighbours.knn_lists(z, 5, cfg=cfg)
+    assert built == [(400, 16)]
+    want = _expected(z, 5)
+    sims = lambda idx: (z[idx.long()] * z[:, None, :]).sum(-1)  # noqa: E731
+    assert torch.allclose(sims(got), sims(want), atol=2e-3)
+    # below the limit the same call is the exact search, bit for bit
+    assert torch.equal(neighbours.knn_lists(z, 5, cfg=NeighbourConfig(exact_max_rows=400)).long(), want)
+    assert len(built) == 1

@@ -139,6 +139,31 @@ def test_ivf_knn_reports_recall(store):
     assert all(r > 0.95 for r in recall.values()), recall
 
 
+def test_auto_knn_above_its_limit_is_ivf_with_recall(store):
+    pytest.importorskip("faiss")
+    cfg = _config()
+    cfg.neighbours.exact_max_rows, cfg.neighbours.nlist, cfg.neighbours.nprobe, cfg.neighbours.recall_sample = N - 1, 8, 8, 100
+    model = _fit(str(store), cfg=cfg)
+    recall = model.history_["knn_recall"]  # only an approximate search measures its recall
+    assert set(recall) == {"knn_image", "knn_text"} and all(r > 0.95 for r in recall.values()), recall
+
+
+def test_auto_knn_resumes_a_workspace_of_the_search_it_resolves_to(store, tmp_path):
+    """An "auto" fit below its limit is the exact search: a workspace an "exact" fit left
+    is the same run (its kNN lists are reused), as it was before "auto" was the default."""
+    exact = _config()
+    exact.neighbours.method = "exact"
+    work = tmp_path / "work"
+    _fit(str(store), checkpoint_dir=work, cfg=exact)
+    auto = _config()
+    assert auto.neighbours.method == "auto" and N <= auto.neighbours.exact_max_rows
+    _fit(str(store), checkpoint_dir=work, resume=True, cfg=auto)  # "another run" would raise
+    ivf = _config()
+    ivf.neighbours.method = "ivf"
+    with pytest.raises(ValueError, match="another run"):
+        _fit(str(store), checkpoint_dir=work, resume=True, cfg=ivf)
+
+
 def test_unknown_knn_method_is_refused(store):
     cfg = _config()
     with pytest.raises(ValueError, match="neighbours.method|NeighbourConfig.method"):

@@ -15,7 +15,8 @@ peak RSS (VmHWM reset at the phase's start; memory-mapped pages the process touc
 count, as the OS counts them) and the sampled peak of anonymous memory. Every setting is
 the library's default (k-means iterations and restarts, stage-1 epochs:
 `Stage1Config.cluster_visits` at K >= 100) unless `--kmeans-iters`, `--restarts` or
-`--epochs` lower it; kNN is exact up to 100k rows, IVF above (`--knn`). All are printed
+`--epochs` lower it; the kNN search is the library's default too (`neighbours.method =
+"auto"`: exact up to 100k rows on a CPU, IVF above; `--knn` forces one). All are printed
 with the table; the per-epoch times let other epoch counts be projected.
 
 Peers, in their own subprocess on the same store: faiss k-means (same M centres and
@@ -86,6 +87,7 @@ def run_ours(store: Path, k: int, kmeans_iters: int, restarts: int, epochs: int,
              reuse: bool = False, device: str = "cpu", config: Optional[dict] = None) -> dict:
     from semclust import SemanticClusterer, ops
     from semclust.config import Config
+    from semclust.method import neighbours
     from semclust.runtime.report import Phases
 
     cfg = Config.from_dict(config or {})
@@ -158,7 +160,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--kmeans-iters", type=int, default=0, help="semantic-space k-means iterations (default: the config's)")
     ap.add_argument("--restarts", type=int, default=0, help="k-means restarts (default: the config's)")
     ap.add_argument("--epochs", type=int, default=0, help="stage-1 epochs (default: the config's, cluster_visits at K >= 100)")
-    ap.add_argument("--knn", choices=("exact", "ivf", "auto"), default="auto", help="auto: exact up to 100k rows")
+    ap.add_argument("--knn", choices=("exact", "ivf", "auto"), default="auto", help="auto: the library's default (neighbours.resolve_method: exact on a GPU or up to "
+                         "neighbours.exact_max_rows rows, IVF above)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--device", default="cpu", help="where our fit runs (cuda: the GPU; the store stays on disk)")
     ap.add_argument("--reuse-work", action="store_true",
@@ -181,6 +184,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
     from semclust.config import Config
+    from semclust.method import neighbours
 
     try:  # checked here, before any store is built
         cfg = Config.from_dict(json.loads(a.config))
@@ -191,11 +195,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     for n in ns:
-        big = n > 100_000
         iters = a.kmeans_iters or cfg.semantic.kmeans_iters
         restarts = a.restarts or cfg.semantic.kmeans_restarts
         epochs = a.epochs or (2 if a.quick else 0)  # 0: the config's, per K
-        knn = a.knn if a.knn != "auto" else ("ivf" if big else "exact")
+        # the library's choice for this N (the peers then run the same kind of search)
+        knn = a.knn if a.knn != "auto" else neighbours.resolve_method(n, a.device, cfg.neighbours)
         t0 = time.perf_counter()
         store = make_store(root / f"store-{n}", n)
         print(f"N={n}: store ready ({time.perf_counter() - t0:.0f} s)", flush=True)

@@ -8,14 +8,18 @@ over this rank's rows, chunk by chunk, so the method holds no loop, page release
 Exact kNN costs N^2 D: at N = 1M, D = 512 that is 10^15 multiply-adds, hours on a CPU.
 An inverted-file index scans only `nprobe` of `nlist` k-means cells per query. faiss is
 an optional dependency (`pip install faiss-cpu`); asking for "ivf" without it raises.
+`method="auto"` (the default, `resolve_method`) searches exactly where that is cheap (on a
+GPU, or up to `exact_max_rows` rows) and with IVF above.
 Vectors are held in fp16 inside the index (the store's precision), so the index costs
 N x D x 2 bytes, not the float32 copy a flat index would make.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -26,6 +30,8 @@ from ..config import ChunkConfig, NeighbourConfig
 from ..runtime import rows
 from ..runtime.mmap import release
 from ..runtime.workspace import Workspace
+
+log = logging.getLogger(__name__)
 
 Block = Callable[[int, int], Tensor]
 
@@ -97,9 +103,29 @@ def ivf(z: Tensor, k: int, cfg: NeighbourConfig, chunk: int = 65536, seed: int =
     return block
 
 
+def resolve_method(n: int, device: Union[str, torch.device], cfg: NeighbourConfig, warn: bool = False) -> str:
+    """The search `cfg.method` names for N rows on `device`: "exact" or "ivf".
+
+    "auto" is exact on a GPU (N^2 D there is seconds at 10^6 rows) and on a CPU up to
+    `cfg.exact_max_rows` rows, IVF above. Without faiss a large CPU search stays exact
+    (slow there, never wrong), with a warning (`warn`) that says what it costs and what to
+    install; a forced "ivf" without faiss raises when the search starts."""
+    if cfg.method != "auto":
+        return cfg.method
+    if torch.device(device).type != "cpu" or n <= cfg.exact_max_rows:
+        return "exact"
+    if importlib.util.find_spec("faiss") is None:
+        if warn:
+            log.warning("kNN over %d rows (neighbours.exact_max_rows = %d): faiss is not installed, so the search is "
+                        "exact, N^2 D multiply-adds (hours at 10^6 rows on a CPU); pip install faiss-cpu for IVF",
+                        n, cfg.exact_max_rows)
+        return "exact"
+    return "ivf"
+
+
 def searcher(z: Tensor, k: int, cfg: NeighbourConfig, chunks: ChunkConfig, seed: int = 0) -> tuple[Block, int]:
-    """(block search, query rows per block) for `cfg.method`."""
-    if cfg.method == "ivf":
+    """(block search, query rows per block) for `cfg.method` (`resolve_method`)."""
+    if resolve_method(z.shape[0], z.device, cfg) == "ivf":
         return ivf(z, k, cfg, chunk=chunks.knn_database, seed=seed), chunks.knn_database
     return exact(z, k, chunks), chunks.knn_queries
 
@@ -107,7 +133,7 @@ def searcher(z: Tensor, k: int, cfg: NeighbourConfig, chunks: ChunkConfig, seed:
 def knn_lists(z: Tensor, k: int, chunks: Optional[ChunkConfig] = None, cfg: Optional[NeighbourConfig] = None, *,
               seed: int = 0, ws: Optional[Workspace] = None, name: str = "knn", progress: bool = False) -> Tensor:
     """[N, k] int32 indices of each row's k nearest other rows of z [N, D] (cosine; exact
-    unless `cfg.method` is "ivf"), as the workspace array `name` (reused when finished;
+    or IVF as `resolve_method` reads `cfg.method`), as the workspace array `name` (reused when finished;
     default: in memory). Only [chunk, k] results exist besides the lists."""
     chunks, cfg = chunks or ChunkConfig(), cfg or NeighbourConfig()
     # a finished array is returned before `searcher` builds an IVF index for nothing
