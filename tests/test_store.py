@@ -178,3 +178,55 @@ def test_rows_slices_across_shards(tmp_path):
     s = open_store(tmp_path)
     np.testing.assert_array_equal(s.rows(2, 9), _unit_fp16(x)[2:9].half().numpy())
     assert s.rows(10, 12).shape == (0, D)
+
+
+# ---- one writer per store ------------------------------------------------------------------
+
+_OTHER_WRITER = """
+import sys
+from semclust.inputs.store import StoreWriter
+from semclust.runtime.workspace import DirectoryBusy
+try:
+    StoreWriter(sys.argv[1], model="tiny_clip", pretrained="/ckpt/a.pt", checkpoint_sha256="ab" * 32, dim=8).abandon()
+except DirectoryBusy as e:
+    print("busy:", e)
+else:
+    print("free")
+"""
+
+
+def _other_writer(path):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-c", _OTHER_WRITER, str(path)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock is POSIX")
+def test_a_second_writer_is_refused_while_the_first_writes(tmp_path):
+    path = tmp_path / "s"
+    writer = StoreWriter(path, **MODEL, shard_rows=4)
+    writer.append(_rows(5), _items(5))  # one shard on disk, one row buffered
+    refusal = _other_writer(path)
+    assert refusal.startswith(f"busy: another semclust process (pid {os.getpid()}) is writing the store at {path}")
+    assert open_store(path, allow_incomplete=True).items == _items(4)  # the refusal touched nothing
+    writer.close()
+    assert open_store(path).items == _items(5)
+    # the writer let go when it closed (a complete store is then refused for being complete,
+    # not for being busy)
+    with pytest.raises(FileExistsError):
+        StoreWriter(path, **MODEL)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock is POSIX")
+def test_a_failed_or_dropped_writer_lets_go(tmp_path):
+    path = tmp_path / "s"
+    with pytest.raises(RuntimeError, match="boom"):
+        with StoreWriter(path, **MODEL, shard_rows=4) as w:
+            w.append(_rows(5), _items(5))
+            raise RuntimeError("boom")
+    assert _other_writer(path) == "free"  # and the store stays incomplete, resumable
+    w = StoreWriter(path, **MODEL, shard_rows=4)
+    assert w.done_rows == 4
+    del w  # never closed: collected, it lets go too
+    assert _other_writer(path) == "free"

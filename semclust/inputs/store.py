@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ import torch
 
 from ..ops import normalize_rows
 from ..runtime.files import TMP_PREFIX, atomic_write, npy_header, plain_name, resolves_inside, sha256_file
+from ..runtime.workspace import DirectoryBusy, hold_directory
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +194,22 @@ class StoreWriter:
             raise ValueError(f"dim and shard_rows must be positive, got dim={dim} shard_rows={shard_rows}")
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        # one writer per store: two processes appending to one manifest would each write
+        # shard i under the same name and lose the other's rows
+        where = self.path
+        self._release = hold_directory(where, lambda pid: DirectoryBusy(
+            f"another semclust process (pid {pid}) is writing the store at {where}; wait for it to end "
+            "or choose another output directory"))
+        # a writer dropped without close() (an error in the caller's loop) lets go too
+        weakref.finalize(self, self._release)
+        try:
+            self._open(model, pretrained, checkpoint_sha256, dim, shard_rows)
+        except BaseException:
+            self._release()
+            raise
+
+    def _open(self, model: str, pretrained: str | None, checkpoint_sha256: str | None, dim: int,
+              shard_rows: int) -> None:
         self._closed = False
         self._buffer: list[np.ndarray] = []
         self._buffer_items: list[str] = []
@@ -302,6 +320,13 @@ class StoreWriter:
         self._meta["complete"] = True
         self._write_manifest()
         self._closed = True
+        self._release()
+
+    def abandon(self) -> None:
+        """Stop writing without completing the store (it stays resumable) and let
+        another writer have it."""
+        self._closed = True
+        self._release()
 
     def __enter__(self) -> "StoreWriter":
         return self
@@ -310,6 +335,8 @@ class StoreWriter:
         # on an error the store stays incomplete (and resumable) instead of looking finished
         if exc_type is None:
             self.close()
+        else:
+            self.abandon()
 
 
 class EmbeddingStore:

@@ -55,7 +55,11 @@ class WorkspaceError(ValueError):
     """workspace.json lists something that is not a file of the workspace."""
 
 
-class WorkspaceBusy(RuntimeError):
+class DirectoryBusy(RuntimeError):
+    """Another process holds the directory's lock (`hold_directory`)."""
+
+
+class WorkspaceBusy(DirectoryBusy):
     """Another process holds the workspace directory's lock."""
 
 
@@ -64,8 +68,9 @@ _HELD: dict[Path, list[int]] = {}
 _HELD_GUARD = threading.Lock()
 
 
-def _lock(root: Path) -> tuple[Path, bool]:
-    """Take `root`'s lock for this process: (its key, True when this call took it first)."""
+def _lock(root: Path, busy: Callable[[str], DirectoryBusy]) -> tuple[Path, bool]:
+    """Take `root`'s lock for this process: (its key, True when this call took it first);
+    `busy(pid of the holder)` is the error when another process holds it."""
     key = root.resolve()
     with _HELD_GUARD:
         if key in _HELD:
@@ -77,8 +82,7 @@ def _lock(root: Path) -> tuple[Path, bool]:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise WorkspaceBusy(f"another semclust run is using {root} (pid {holder}); wait for it to end "
-                                "or choose another checkpoint_dir") from None
+            raise busy(holder) from None
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -97,6 +101,24 @@ def _unlock(key: Path) -> None:
             # a second still waits on the old one
             os.close(held[0])
             del _HELD[key]
+
+
+def hold_directory(root: Path, busy: Callable[[str], DirectoryBusy]) -> Callable[[], None]:
+    """Take the lock on `root`/.lock (`root` exists) for this process, as a workspace
+    does; returns its release (idempotent; also run when the process dies, so a killed
+    writer leaves no stale lock). `busy(pid)` is raised when another process holds it.
+    Without POSIX locks (not Linux / macOS) nothing is held."""
+    if fcntl is None:
+        return lambda: None
+    key, _ = _lock(root, busy)
+    released = []
+
+    def release() -> None:
+        if not released:
+            released.append(True)
+            _unlock(key)
+
+    return release
 
 
 def _reserve(path: Path) -> None:
@@ -140,7 +162,9 @@ class Workspace:
     def _open(self, run: str, fresh: bool) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         if fcntl is not None:
-            key, first = _lock(self.root)
+            root = self.root
+            key, first = _lock(root, lambda pid: WorkspaceBusy(
+                f"another semclust run is using {root} (pid {pid}); wait for it to end or choose another checkpoint_dir"))
             self._release = weakref.finalize(self, _unlock, key)
             if first:
                 self._remove_stale()
