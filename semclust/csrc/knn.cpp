@@ -70,51 +70,6 @@ inline void topk_scan(const T* r, int64_t n, int64_t base, int64_t self, T* sc, 
   for (; j < n; ++j) offer(j);
 }
 
-// A row's first block, its list empty. Filling the list one sorted insert at a time
-// costs ~k (1 + ln(n / k)) inserts (~200 for k = 50, n = 1024), each shifting half the
-// list behind an unpredictable branch. Instead: a lower bound of the k-th best, then one
-// selection. The maxima of groups of 16 scores are distinct scores, so the k-th largest
-// of them is at most the k-th best; the scores at or above it (~10% of the block for
-// k = 50) are selected and sorted at once. Exact kNN N = 20k, D = 512, k = 50, one
-// thread: 2-3% faster (benchmarks/RESULTS.md). Needs n >= 16 k, else the caller inserts.
-constexpr int64_t kGroup = 16;
-
-template <typename T>
-inline bool first_block(const T* r, int64_t n, int64_t base, int64_t self, T* sc, int64_t* ix, int64_t& count,
-                        int64_t k, std::vector<std::pair<T, int64_t>>& buf) {
-  const int64_t groups = n / kGroup;
-  if (groups < k) return false;
-  buf.clear();
-  for (int64_t g = 0; g < groups; ++g) {
-    const T* p = r + g * kGroup;
-    T m = -std::numeric_limits<T>::infinity();
-    if (self >= g * kGroup && self < (g + 1) * kGroup) {
-      for (int64_t j = 0; j < kGroup; ++j)
-        if (g * kGroup + j != self) m = std::max(m, p[j]);
-    } else {
-#pragma omp simd reduction(max : m)
-      for (int64_t j = 0; j < kGroup; ++j) m = std::max(m, p[j]);
-    }
-    buf.push_back({m, 0});
-  }
-  std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.end(),
-                   [](const auto& a, const auto& b) { return a.first > b.first; });
-  const T bound = buf[k - 1].first;
-  buf.clear();
-  for (int64_t v = 0; v < n; ++v)
-    if (r[v] >= bound && v != self) buf.push_back({r[v], base + v});
-  // higher score first, of equal scores the lower index (as the inserts order them)
-  const auto better = [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
-  std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.end(), better);
-  std::sort(buf.begin(), buf.begin() + k, better);
-  for (int64_t j = 0; j < k; ++j) {
-    sc[j] = buf[j].first;
-    ix[j] = buf[j].second;
-  }
-  count = k;
-  return true;
-}
-
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> knn_impl(const at::Tensor& x, const at::Tensor& queries, int64_t k,
                                             bool drop_self) {
@@ -130,8 +85,6 @@ std::tuple<at::Tensor, at::Tensor> knn_impl(const at::Tensor& x, const at::Tenso
 #pragma omp parallel num_threads(num_threads())
   {
     at::Tensor S = at::empty({kKnnQueryTile, kKnnDbBlock}, opts);
-    std::vector<std::pair<T, int64_t>> buf;
-    buf.reserve(kKnnDbBlock);
     // the outer loop walks the database once; every thread scores its query tiles
     // against the block while it is in the shared cache
     for (int64_t d0 = 0; d0 < N; d0 += kKnnDbBlock) {
@@ -145,9 +98,6 @@ std::tuple<at::Tensor, at::Tensor> knn_impl(const at::Tensor& x, const at::Tenso
         const T* sp = S.data_ptr<T>();
         for (int64_t i = 0; i < nq; ++i) {
           const int64_t row = q0 + i;
-          if (count[row] == 0 && first_block(sp + i * kKnnDbBlock, nd, d0, drop_self ? row - d0 : -1, sc + row * k,
-                                             ix + row * k, count[row], k, buf))
-            continue;
           topk_scan(sp + i * kKnnDbBlock, nd, d0, drop_self ? row - d0 : -1, sc + row * k, ix + row * k, count[row],
                     k);
         }
