@@ -16,6 +16,13 @@ Step rows (batch B in {512, 4096}, D = 512, K in {10, 100, 1000}; hidden 512, Ad
   roofline of issue 11); "loss GEMMs" the GEMMs the loss itself needs (soft centres,
   centre logits and target, the cluster-level Gram matrices, with their gradients), so
   "ext / all GEMMs" is the step over every GEMM it has to run.
+  loop      the step as training runs it: `stage1.train_stage1` (the default backend
+            choice, the prefetch thread's gathers, the centre EMA, the balance prior) on
+            16 B random unit rows with random neighbour lists, wall-clock ms per step of
+            its second epoch ("loop / GEMMs"). The isolated steps above free everything
+            they allocate, so glibc hands the heap's top back and the next step faults
+            its pages in again (~750 faults a step at B = 512, K = 10); in training the
+            tensors kept across steps hold the heap (~130 a step), so the two can differ.
 
 With --device cuda the step runs on the GPU (ext = the CUDA part of the extension), timed
 with a synchronize after each call; the op rows below are the extension's CPU paths and
@@ -228,9 +235,27 @@ def bench_step(b: int, k: int, d: int, repeats: int, with_compile: bool) -> dict
     for name in impls:  # the roofline: step time over its GEMMs' time (1.0 = nothing but the GEMMs)
         row[name]["over_gemms"] = row[name]["median_ms"] / row["gemms"]["median_ms"]
         row[name]["over_all_gemms"] = row[name]["median_ms"] / all_gemms
+    row["loop"] = bench_loop(b, k, d)
+    row["loop"]["over_gemms"] = row["loop"]["median_ms"] / row["gemms"]["median_ms"]
     row["ext_speedup_step"] = row["eager"]["median_ms"] / row["ext"]["median_ms"]
     row["ext_speedup_loss"] = row["eager"]["loss_only"]["median_ms"] / row["ext"]["loss_only"]["median_ms"]
     return row
+
+
+def bench_loop(b: int, k: int, d: int, steps: int = 16) -> dict[str, float]:
+    """Wall-clock ms per step of `stage1.train_stage1`'s second epoch (the first warms the
+    allocator and the caches) on `steps` batches of B random unit rows, K clusters."""
+    from semclust.config import Stage1Config
+    from semclust.method.stage1 import train_stage1
+
+    g = torch.Generator().manual_seed(1)
+    n = steps * b
+    u, v = (F.normalize(torch.randn(n, d, generator=g), dim=1).to(DEVICE) for _ in range(2))
+    ni, nt = (torch.randint(n, (n, 10), generator=g) for _ in range(2))
+    cfg = Stage1Config(epochs=2, cluster_visits=0, batch_size=b)
+    history = train_stage1(u, v, k, ni, nt, cfg, progress=False).history
+    ms = 1e3 * history[-1]["seconds"] / steps
+    return {"median_ms": ms, "min_ms": ms}
 
 
 # ---- the CPU op paths ---------------------------------------------------------------------
@@ -338,6 +363,7 @@ def _flat(r: dict) -> dict:
             "GEMMs ms": r["gemms"]["median_ms"], "eager / GEMMs": r["eager"]["over_gemms"],
             "ext / GEMMs": r["ext"]["over_gemms"], "loss GEMMs ms": r["loss_gemms"]["median_ms"],
             "ext / all GEMMs": r["ext"]["over_all_gemms"],
+            "loop ms": r["loop"]["median_ms"], "loop / GEMMs": r["loop"]["over_gemms"],
             "eager loss ms": r["eager"]["loss_only"]["median_ms"], "ext loss ms": r["ext"]["loss_only"]["median_ms"],
             "ext x loss": r["ext_speedup_loss"], "eager MB": r["eager"]["peak_mb"],
             "compile MB": r.get("compile", {}).get("peak_mb"), "ext MB": r["ext"]["peak_mb"]}
@@ -398,7 +424,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if "error" in row.get("compile", {}):
             print(f"  torch.compile: {row['compile']['error']}")
     cols = ["B", "K", "eager ms", "compile ms", "ext ms", "ext x step", "subset ms", "GEMMs ms", "eager / GEMMs",
-            "ext / GEMMs", "loss GEMMs ms", "ext / all GEMMs", "eager loss ms", "ext loss ms", "ext x loss", "eager MB", "compile MB", "ext MB"]
+            "ext / GEMMs", "loss GEMMs ms", "ext / all GEMMs", "loop ms", "loop / GEMMs", "eager loss ms", "ext loss ms", "ext x loss", "eager MB", "compile MB", "ext MB"]
     table_rows = [_flat(r) for r in steps]
     if table_rows:
         print("\nstage-1 step (median ms; 'x' = eager / ext)\n" + _table(table_rows, cols))
