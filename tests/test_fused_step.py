@@ -390,8 +390,12 @@ def synthetic_run_inputs():
 @pytest.mark.slow
 def test_stage1_same_training_through_torch_and_ext(synthetic_run_inputs, monkeypatch):
     """160 steps (20 epochs x 8 batches of 128) from one seed: the loss curves agree to
-    float32 round-off until chaotic divergence sets in late, and the runs end at the same
-    accuracy (measured: 0.702 vs 0.701, 999 of 1000 labels equal)."""
+    float32 round-off until chaotic divergence sets in, and the runs end at the same
+    accuracy (measured: 0.702 vs 0.701, 999 of 1000 labels equal). Where it sets in depends
+    on the CPU's kernels: on an AVX-512 machine after epoch 10, on an AVX2 one (AMD EPYC,
+    2026-12-07) at epoch 7: every term within 4e-5 of its own scale over epochs 0-6, then
+    the balance term, the smallest, 1.4e-4 and 3.1e-4 at epochs 7-8. So round-off is checked
+    over the first 6 epochs (48 steps)."""
     from semclust.config import Stage1Config
     from semclust.metrics import cluster_accuracy
     from semclust.method.stage1 import train_stage1
@@ -418,7 +422,7 @@ def test_stage1_same_training_through_torch_and_ext(synthetic_run_inputs, monkey
     for name in ("total", "instance", "assignment", "center", "balance"):
         a = torch.tensor([h[name] for h in runs["torch"].history])
         b = torch.tensor([h[name] for h in runs["ext"].history])
-        assert float(((a - b).abs() / a.abs().clamp_min(1e-3))[:10].max()) < 1e-4, name  # first half: round-off
+        assert float(((a - b).abs() / a.abs().clamp_min(1e-3))[:6].max()) < 1e-4, name  # round-off
         assert float(((a - b).abs() / a.abs().clamp_min(1e-3)).max()) < 1e-2, name
 
 
