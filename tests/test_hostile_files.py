@@ -136,8 +136,8 @@ def _holder(root):
     return proc
 
 
-def _try_from_another_process(root):
-    return subprocess.run([sys.executable, "-c", _TRY, str(root)], capture_output=True, text=True,
+def _try_from_another_process(root, code=_TRY):
+    return subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True,
                           check=True).stdout.strip()
 
 
@@ -160,6 +160,53 @@ def test_a_second_process_is_refused_until_the_first_closes(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+_WRITE = textwrap.dedent("""
+    import sys
+    from semclust.inputs.store import StoreWriter
+    from semclust.runtime.workspace import DirectoryBusy
+    try:
+        StoreWriter(sys.argv[1], "tiny_clip", "/ckpt/a.pt", "ab" * 32, 8).abandon()
+    except DirectoryBusy as e:
+        print("busy:", e)
+    else:
+        print("free")
+""")
+
+
+def _items(n):
+    return [f"img/{i}.png" for i in range(n)]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock is POSIX")
+def test_a_second_store_writer_is_refused_while_the_first_writes(tmp_path):
+    path = tmp_path / "s"
+    writer = StoreWriter(path, **MODEL, shard_rows=4)
+    writer.append(_rows(5), _items(5))  # one shard on disk, one row buffered
+    refusal = _try_from_another_process(path, _WRITE)
+    assert refusal.startswith(f"busy: another semclust process (pid {os.getpid()}) is writing the store at {path}")
+    assert open_store(path, allow_incomplete=True).items == _items(4)  # the refusal touched nothing
+    writer.close()
+    assert open_store(path).items == _items(5)
+    # the writer let go when it closed (a complete store is then refused for being complete,
+    # not for being busy)
+    with pytest.raises(FileExistsError):
+        StoreWriter(path, **MODEL)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock is POSIX")
+def test_a_failed_or_dropped_store_writer_lets_go(tmp_path):
+    path = tmp_path / "s"
+    with pytest.raises(RuntimeError, match="boom"):
+        with StoreWriter(path, **MODEL, shard_rows=4) as w:
+            w.append(_rows(5), _items(5))
+            raise RuntimeError("boom")
+    assert _try_from_another_process(path, _WRITE) == "free"  # and the store stays incomplete, resumable
+    w = StoreWriter(path, **MODEL, shard_rows=4)
+    assert w.done_rows == 4
+    del w  # never closed: collected, it lets go too
+    assert _try_from_another_process(path, _WRITE) == "free"
 
 
 @pytest.mark.skipif(os.name != "posix", reason="SIGKILL is POSIX")
