@@ -6,7 +6,7 @@ import torch
 
 from semclust import ops
 from semclust.method import neighbours
-from semclust.config import ChunkConfig
+from semclust.config import ChunkConfig, NeighbourConfig
 
 
 def _rows(n, d, seed=0):
@@ -114,9 +114,6 @@ def test_float16_input(n, k):
 
 
 # ---- neighbours.method = "auto" ----------------------------------------------------------
-
-from semclust.config import NeighbourConfig  # noqa: E402
-
 
 def test_auto_is_exact_up_to_the_limit_and_on_a_gpu(monkeypatch):
     cfg = NeighbourConfig()

@@ -178,4 +178,3 @@ def test_rows_slices_across_shards(tmp_path):
     s = open_store(tmp_path)
     np.testing.assert_array_equal(s.rows(2, 9), _unit_fp16(x)[2:9].half().numpy())
     assert s.rows(10, 12).shape == (0, D)
-

@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -197,15 +196,14 @@ class StoreWriter:
         # one writer per store: two processes appending to one manifest would each write
         # shard i under the same name and lose the other's rows
         where = self.path
-        self._release = hold_directory(where, lambda pid: DirectoryBusy(
+        # (a writer dropped without close(), after an error in the caller's loop, lets go too)
+        self._lock, _ = hold_directory(self, where, lambda pid: DirectoryBusy(
             f"another semclust process (pid {pid}) is writing the store at {where}; wait for it to end "
             "or choose another output directory"))
-        # a writer dropped without close() (an error in the caller's loop) lets go too
-        weakref.finalize(self, self._release)
         try:
             self._open(model, pretrained, checkpoint_sha256, dim, shard_rows)
         except BaseException:
-            self._release()
+            self.abandon()
             raise
 
     def _open(self, model: str, pretrained: str | None, checkpoint_sha256: str | None, dim: int,
@@ -319,14 +317,14 @@ class StoreWriter:
             self._meta["source_consumed"] = int(source_consumed)
         self._meta["complete"] = True
         self._write_manifest()
-        self._closed = True
-        self._release()
+        self.abandon()
 
     def abandon(self) -> None:
         """Stop writing without completing the store (it stays resumable) and let
         another writer have it."""
         self._closed = True
-        self._release()
+        if self._lock is not None:
+            self._lock()
 
     def __enter__(self) -> "StoreWriter":
         return self

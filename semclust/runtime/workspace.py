@@ -103,22 +103,17 @@ def _unlock(key: Path) -> None:
             del _HELD[key]
 
 
-def hold_directory(root: Path, busy: Callable[[str], DirectoryBusy]) -> Callable[[], None]:
-    """Take the lock on `root`/.lock (`root` exists) for this process, as a workspace
-    does; returns its release (idempotent; also run when the process dies, so a killed
-    writer leaves no stale lock). `busy(pid)` is raised when another process holds it.
-    Without POSIX locks (not Linux / macOS) nothing is held."""
+def hold_directory(owner: object, root: Path,
+                   busy: Callable[[str], DirectoryBusy]) -> tuple[Optional[weakref.finalize], bool]:
+    """Take the lock on `root`/.lock (`root` exists) for this process on behalf of `owner`:
+    (its release, True when this process took it first). The release is idempotent and
+    also runs when `owner` is collected or the process dies, so a killed run leaves no stale
+    lock. `busy(pid)` is raised when another process holds it. Without POSIX locks (not
+    Linux / macOS) nothing is held: (None, False)."""
     if fcntl is None:
-        return lambda: None
-    key, _ = _lock(root, busy)
-    released = []
-
-    def release() -> None:
-        if not released:
-            released.append(True)
-            _unlock(key)
-
-    return release
+        return None, False
+    key, first = _lock(root, busy)
+    return weakref.finalize(owner, _unlock, key), first
 
 
 def _reserve(path: Path) -> None:
@@ -161,13 +156,11 @@ class Workspace:
 
     def _open(self, run: str, fresh: bool) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        if fcntl is not None:
-            root = self.root
-            key, first = _lock(root, lambda pid: WorkspaceBusy(
-                f"another semclust run is using {root} (pid {pid}); wait for it to end or choose another checkpoint_dir"))
-            self._release = weakref.finalize(self, _unlock, key)
-            if first:
-                self._remove_stale()
+        root = self.root
+        self._release, first = hold_directory(self, root, lambda pid: WorkspaceBusy(
+            f"another semclust run is using {root} (pid {pid}); wait for it to end or choose another checkpoint_dir"))
+        if first:
+            self._remove_stale()
         state = self._state()
         if state and state.get("run") != run and not fresh:
             raise ValueError(
