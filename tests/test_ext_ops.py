@@ -1,6 +1,8 @@
 """The extension's CPU fast paths (assign, knn, center_update, batchnorm_relu) against the reference, on
 odd shapes chosen to cross the extension's fixed tiles: assign tiles of
-clamp(262144 / K, 16, 1024) rows, knn query tiles of 512 x database blocks of 1024 rows.
+clamp(262144 / K, 16, 1024) rows, knn query tiles of 512 x database blocks of 1024 rows, and
+the zero padding of a score tile to a multiple of 8 columns (K = 1, 2, 10, 300 padded, 3000 not;
+the knn's last database blocks of 6, 52 and 476 rows padded), whose scores must never count.
 tests/ops runs the full op suites on the ext backend too whenever the extension is built
 before the run starts.
 """

@@ -21,7 +21,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> assign_impl(const at:
                                                                        double tau, bool return_probs) {
   const int64_t N = x.size(0), K = c.size(0);
   const auto opts = x.options().dtype(c10::CppTypeToScalarType<T>::value);
-  const at::Tensor ct = c.to(opts.dtype()).contiguous().t();  // [D, K]
+  const at::Tensor ct = pad_rows(c, c10::CppTypeToScalarType<T>::value).contiguous().t();  // [D, Kp]
+  const int64_t Kp = ct.size(1);  // the score tile's row stride; columns K.. are padding
   at::Tensor labels = at::empty({N}, x.options().dtype(at::kLong));
   at::Tensor conf = at::empty({N}, opts);
   at::Tensor probs = at::empty({return_probs ? N : 0, K}, opts);
@@ -43,16 +44,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> assign_impl(const at:
     std::vector<T> cmax_buf(nchunks);
     T* cmax = cmax_buf.data();
     T* ts = tile_sum.data();
-    at::Tensor buf = return_probs ? at::Tensor() : at::empty({rows, K}, opts);
+    // probs rows are K wide: with padding the GEMM goes to the tile and the epilogue
+    // writes the probabilities out
+    at::Tensor buf = return_probs && Kp == K ? at::Tensor() : at::empty({rows, Kp}, opts);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < ntiles; ++t) {
       const int64_t s = t * rows, n = std::min(rows, N - s);
-      at::Tensor out = return_probs ? probs.narrow(0, s, n) : buf.narrow(0, 0, n);
+      at::Tensor out = buf.defined() ? buf.narrow(0, 0, n) : probs.narrow(0, s, n);
       at::mm_out(out, x.narrow(0, s, n).to(opts.dtype()), ct);
-      T* o = out.data_ptr<T>();
+      const T* o = out.data_ptr<T>();
+      T* dst = return_probs ? probs.data_ptr<T>() + s * K : out.data_ptr<T>();
+      const int64_t dst_stride = return_probs ? K : Kp;
       std::fill(ts, ts + K, T(0));
       for (int64_t i = 0; i < n; ++i) {
-        T* __restrict r = o + i * K;
+        // the row's logits (x c^T), and where its exponentials then probabilities go: a
+        // itself unless the probabilities are returned from a padded tile (no __restrict)
+        const T* a = o + i * Kp;
+        T* r = dst + i * dst_stride;
         // the 1/tau scale rides inside the exp: one read-only pass for the max, kept per
         // chunk of kChunk so the label needs no scalar scan of the row (that scan cost as
         // much as the exp pass at K = 1000)
@@ -61,14 +69,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> assign_impl(const at:
           const int64_t k0 = c * kChunk, k1 = std::min(K, k0 + kChunk);
           T cm = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : cm)
-          for (int64_t k = k0; k < k1; ++k) cm = std::max(cm, r[k]);
+          for (int64_t k = k0; k < k1; ++k) cm = std::max(cm, a[k]);
           cmax[c] = cm;
           m = std::max(m, cm);
         }
         T sum = 0;
 #pragma omp simd reduction(+ : sum)
         for (int64_t k = 0; k < K; ++k) {
-          r[k] = exp_((r[k] - m) * inv_tau);
+          r[k] = exp_((a[k] - m) * inv_tau);
           sum += r[k];
         }
         // the row's largest probability is exp(0) / sum; the label is the first index

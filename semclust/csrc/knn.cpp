@@ -82,6 +82,10 @@ std::tuple<at::Tensor, at::Tensor> knn_impl(const at::Tensor& x, const at::Tenso
   int64_t* ix = index.data_ptr<int64_t>();
   const at::Tensor q = queries.to(opts.dtype());
   const int64_t ntiles = (Q + kKnnQueryTile - 1) / kKnnQueryTile;
+  // the last block (all of the database when N < kKnnDbBlock, e.g. k-means' centres),
+  // zero-padded to a GEMM-friendly width once for every thread
+  const int64_t last0 = (N - 1) / kKnnDbBlock * kKnnDbBlock;
+  const at::Tensor last = pad_rows(x.narrow(0, last0, N - last0), c10::CppTypeToScalarType<T>::value);
 #pragma omp parallel num_threads(num_threads())
   {
     at::Tensor S = at::empty({kKnnQueryTile, kKnnDbBlock}, opts);
@@ -89,11 +93,11 @@ std::tuple<at::Tensor, at::Tensor> knn_impl(const at::Tensor& x, const at::Tenso
     // against the block while it is in the shared cache
     for (int64_t d0 = 0; d0 < N; d0 += kKnnDbBlock) {
       const int64_t nd = std::min(kKnnDbBlock, N - d0);
-      const at::Tensor xb = x.narrow(0, d0, nd).to(opts.dtype());
+      const at::Tensor xb = d0 == last0 ? last : x.narrow(0, d0, nd).to(opts.dtype());
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < ntiles; ++t) {
         const int64_t q0 = t * kKnnQueryTile, nq = std::min(kKnnQueryTile, Q - q0);
-        at::Tensor st = S.narrow(0, 0, nq).narrow(1, 0, nd);
+        at::Tensor st = S.narrow(0, 0, nq).narrow(1, 0, xb.size(0));
         at::mm_out(st, q.narrow(0, q0, nq), xb.t());
         const T* sp = S.data_ptr<T>();
         for (int64_t i = 0; i < nq; ++i) {
