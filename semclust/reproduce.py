@@ -48,7 +48,9 @@ Methods (each row of the table):
 Files under `out`: ``embeddings/train`` and ``embeddings/test``, embedding stores
 (`inputs.store`, written by `ClipEncoder.embed_to_store` as `semclust embed` writes
 them), so a rerun encodes nothing it has encoded before; ``fit/``, the fit's working
-directory (with `resume`, a killed run continues there).
+directory (with `resume`, a killed run continues there). Both fits read the train split
+from its store, as `semclust fit --store` does; only the scored test split is held in
+memory, and labels are computed a chunk of rows at a time.
 """
 
 from __future__ import annotations
@@ -199,9 +201,10 @@ def _scores(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     return {m: 100.0 * v for m, v in evaluate(y, pred).items() if m in METRICS}
 
 
-def _labels(model: FittedModel, u: Tensor) -> np.ndarray:
-    """[M] most probable cluster of each unit row of u [M, D] under a fitted model."""
-    return model.proba(u).argmax(1).cpu().numpy()
+def _labels(model: FittedModel, u: Tensor, chunk: int) -> np.ndarray:
+    """[M] most probable cluster of each unit row of u [M, D] under a fitted model, `chunk`
+    rows at a time (the [M, K] probabilities never exist at once)."""
+    return torch.cat([model.proba(u[s : s + chunk]).argmax(1).cpu() for s in range(0, u.shape[0], chunk)]).numpy()
 
 
 def reproduce(dataset: str, root: PathLike, out: PathLike, *, pretrained: Optional[PathLike],
@@ -262,9 +265,12 @@ def reproduce(dataset: str, root: PathLike, out: PathLike, *, pretrained: Option
               for name, s in splits.items() if s.unreadable and not (same and name == "test")]
 
     device = encoder.device
-    u = train.store.to_tensor().to(device)
-    u_test = u if same else test.store.to_tensor().to(device)
-    bank = pipeline.noun_bank(pipeline.resolve_nouns(nouns), u.shape[1], lambda: encoder, progress)
+    # the scored split in memory (k-means and every method's labels run on it); the train
+    # split stays in its store, which both fits read in chunks (ImageNet-1K's train split
+    # would be 2.6 GB of float32 rows)
+    u_test = test.store.to_tensor().to(device)
+    bank = pipeline.noun_bank(pipeline.resolve_nouns(nouns), test.store.dim, lambda: encoder, progress)
+    chunk = cfg.chunks.assign
     common = dict(k=k, seed=seed, device=device, encoder=lambda: encoder, nouns=bank, progress=progress,
                   keep_all_encoder_weights=False)
     scores: dict[str, tuple[Optional[dict[str, float]], Optional[float]]] = {}
@@ -274,9 +280,9 @@ def reproduce(dataset: str, root: PathLike, out: PathLike, *, pretrained: Option
     scores["k-means"] = _scores(test.labels, km.labels.cpu().numpy()), seconds
 
     tac_cfg = Config.tac()
-    r_tac, seconds = _timed(lambda: pipeline.fit(Inputs(u, None), stage=1, cfg=tac_cfg, work_dir=None, resume=False,
-                                                 **common))
-    scores["TAC heads"] = _scores(test.labels, _labels(r_tac.model, u_test)), seconds
+    r_tac, seconds = _timed(lambda: pipeline.fit(Inputs(None, None, train.store), stage=1, cfg=tac_cfg,
+                                                 work_dir=None, resume=False, **common))
+    scores["TAC heads"] = _scores(test.labels, _labels(r_tac.model, u_test, chunk)), seconds
 
     def training_free() -> np.ndarray:
         # the test split's counterparts over the nouns the train split selected
@@ -292,14 +298,14 @@ def reproduce(dataset: str, root: PathLike, out: PathLike, *, pretrained: Option
     phase_s = r.history["seconds"]
     # the heads stage 2 started from, on the pristine features
     stage1 = Stage1Model(r.model.heads, r.model.noun_bank, cfg)
-    scores["stage 1"] = (_scores(test.labels, _labels(stage1, u_test)),
+    scores["stage 1"] = (_scores(test.labels, _labels(stage1, u_test, chunk)),
                          sum(s for name, s in phase_s.items() if name not in ("stage2", "names")))
     scores["stage 2"] = None, None
     if stage == 2:
         def stage2_scores() -> dict[str, float]:
             tuned = r.model.image_encoder(encoder)
             feats, kept, _ = pipeline.encode_source(tuned, test.images, cfg.chunks.encode_batch_size, progress)
-            return _scores(test.labels[kept.numpy()], _labels(r.model, feats.to(device)))
+            return _scores(test.labels[kept.numpy()], _labels(r.model, feats.to(device), chunk))
 
         got, seconds = _timed(stage2_scores)
         scores["stage 2"] = got, phase_s["stage2"] + seconds
