@@ -23,6 +23,7 @@ from semclust.config import Config
 from semclust.inputs import benchmarks
 from semclust.inputs.classify import Inputs
 from semclust.inputs.sources import ImageSource
+from semclust.inputs.store import EmbeddingStore
 from semclust.reproduce import BENCHMARKS, FORMAT, METHODS, PUBLISHED_ROW, CroppedSource
 from test_cli import assert_one_line_error, run  # main() with its output; the one-line error check
 
@@ -120,11 +121,16 @@ def write_layout(dataset: str, root: Path) -> tuple[int, int, int]:
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar20", "stl10", "imagenet-dogs", "dtd", "ucf101", "imagenet1k"])
-def test_each_layout_end_to_end(dataset, files, tmp_path, capsys):
+def test_each_layout_end_to_end(dataset, files, tmp_path, capsys, monkeypatch):
     classes, n_train, n_test = write_layout(dataset, tmp_path / "data")
+    whole: list[str] = []  # the stores read into memory whole: only the scored split's
+    real_to_tensor = EmbeddingStore.to_tensor
+    monkeypatch.setattr(EmbeddingStore, "to_tensor", lambda self, *a, **k: whole.append(self.path.name)
+                        or real_to_tensor(self, *a, **k))
     rc, out, err = run(capsys, *args(files, dataset, tmp_path / "data", tmp_path / "out", "--stage", 1,
                                     "--json", tmp_path / "r.json"))
     assert rc == 0, err
+    assert whole == ["train" if dataset == "imagenet-dogs" else "test"]
     doc = json.loads((tmp_path / "r.json").read_text())
     check_results(out, doc, dataset, stage=1)
     assert doc["k"] == classes
