@@ -102,7 +102,7 @@ partitions no closer to the truth than k-means at each K; the eigengap of the jo
 kNN graph (symmetric, m neighbours, normalised Laplacian on a 3000-row sample, K = the argmax
 over 2..200 of lambda_{K+1} - lambda_K; 2026-12-07) 8 / 11 with m = 20 (balanced 10 / 13 / 10,
 gap and k100 right, superclass 85-87, but long tails 40-101 for 10: a small class is no
-separate component of the graph, while sub-concepts of large ones are), 2-6 / 5-8 with m = 5,
+separate component of the graph, while sub-concepts of large ones are), 2-6 / 3-9 with m = 5,
 10 or 40. The Calinski-Harabasz index
 and the hard-vote product of the earlier version are gone with them. Other ways to combine
 a row's two margins, each with the same null (seeds 0-2, the same partitions, 2026-12-04):
