@@ -272,8 +272,10 @@ def fit(inputs: Inputs, *, k: Optional[int], stage: int, cfg: Config, seed: int,
     # an estimated K is part of the run: the search is deterministic for the data and seed
     searched = k is None
     key = {"auto": list(k_range)} if searched else k
-    # closed when the fit ends or fails: its lock keeps a second run out of work_dir until then
-    with Workspace(work_dir, run_id(inputs, u, bank_all, key, seed, cfg, device), fresh=not resume) as ws:
+    # closed when the fit ends or fails: its lock keeps a second run out of work_dir until then;
+    # in memory nothing is resumed, so the data is not hashed for a run id
+    run = run_id(inputs, u, bank_all, key, seed, cfg, device) if work_dir is not None else ""
+    with Workspace(work_dir, run, fresh=not resume) as ws:
         if u is None:
             with phases("store"):
                 u = store_rows(inputs.store, ws, cfg, progress).to(device)
@@ -295,7 +297,7 @@ def fit(inputs: Inputs, *, k: Optional[int], stage: int, cfg: Config, seed: int,
         with phases("stage1"):
             r1 = stage1.train_stage1(u, v, k, lists["knn_image"], lists["knn_text"], cfg.stage1, seed=seed,
                                      chunks=cfg.chunks, progress=progress, checkpoint=ws.path("stage1.ckpt"),
-                                     resume=resume)
+                                     resume=resume, data_key=ws.run)
         model: FittedModel = Stage1Model(r1.heads, bank, cfg)
         labels, conf, history2 = r1.labels, r1.conf, []
         if stage == 2:

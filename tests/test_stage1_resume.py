@@ -61,6 +61,21 @@ def test_checkpoint_of_another_run_is_refused(inputs, tmp_path):
         _train(inputs, 2, checkpoint=ck, resume=True)
 
 
+def test_data_key_stands_for_the_data_and_nothing_is_hashed_without_a_checkpoint(inputs, tmp_path, monkeypatch):
+    """The caller's key replaces the hash of every byte of u (a fit passes its workspace's
+    run id); without a checkpoint no signature is made at all."""
+    def no_hash(t):
+        raise AssertionError("u was hashed")
+
+    monkeypatch.setattr(stage1, "fingerprint", no_hash)
+    _train(inputs, 1)
+    ck = tmp_path / "stage1.ckpt"
+    _train(inputs, 1, checkpoint=ck, data_key="rows A")
+    assert len(_train(inputs, 2, checkpoint=ck, resume=True, data_key="rows A").history) == 2
+    with pytest.raises(ValueError, match="another run"):
+        _train(inputs, 3, checkpoint=ck, resume=True, data_key="rows B")
+
+
 def test_cluster_subset_trains_with_the_torch_loss_and_refuses_a_forced_ext(inputs, monkeypatch):
     """K above stage1.cluster_columns: the steps run the torch loss on a random subset of
     clusters (drawn afresh each step), and forcing the fused ext step says why it cannot."""

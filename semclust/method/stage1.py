@@ -45,12 +45,12 @@ class Stage1Result:
     history: list[dict] = field(default_factory=list)
 
 
-def _run_signature(u: Tensor, k: int, seed: int, cfg: Stage1Config) -> str:
-    """What a checkpoint must match to be resumed: the data (every byte of u,
-    `runtime.mmap.fingerprint`), K, the seed and every setting but those of the number of
-    epochs (training may be extended)."""
+def _run_signature(data: str, k: int, seed: int, cfg: Stage1Config) -> str:
+    """What a checkpoint must match to be resumed: the data (`data`: what identifies u),
+    K, the seed and every setting but those of the number of epochs (training may be
+    extended)."""
     settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("epochs", "cluster_visits")}
-    head = json.dumps({"k": k, "seed": seed, "cfg": settings, "data": fingerprint(u)}, sort_keys=True)
+    head = json.dumps({"k": k, "seed": seed, "cfg": settings, "data": data}, sort_keys=True)
     return hashlib.sha256(head.encode()).hexdigest()
 
 
@@ -131,6 +131,7 @@ def train_stage1(
     progress: bool = True,
     checkpoint: Optional[Union[str, Path]] = None,
     resume: bool = False,
+    data_key: Optional[str] = None,
 ) -> Stage1Result:
     """Train the heads on images u [N, D] and counterparts v [N, D] (same device).
 
@@ -140,7 +141,11 @@ def train_stage1(
     centres and shares, history) is written there atomically after every epoch; with
     `resume` too, a checkpoint of the same run (same data fingerprint, K, seed and
     settings but the epoch count) is continued, ending exactly where an uninterrupted run
-    ends. Returns the heads (eval mode), the labels/confidences and per-epoch history.
+    ends. `data_key` identifies the data in that match where the caller already has such
+    a fingerprint (the fit passes its workspace's run id, which covers every byte of the
+    rows); None: every byte of u is hashed (`runtime.mmap.fingerprint`), which at 1M x 512
+    reads 1 GB once more. Without `checkpoint` nothing is hashed.
+    Returns the heads (eval mode), the labels/confidences and per-epoch history.
     """
     cfg, chunks = cfg or Stage1Config(), chunks or ChunkConfig()
     n, d = u.shape
@@ -182,8 +187,10 @@ def train_stage1(
             "set stage1.cluster_columns = 0 (every cluster) or do not force the backend")
     # the ext backend computes the whole loss and its logit gradients in one fused call
     use_fused = not subset and fused_step_active(device) and world == 1
-    run_id = _run_signature(u, k, seed, cfg)
-    release(u)  # the fingerprint read every row: 1 GB resident at 1M x 512 fp16 otherwise
+    run_id = None
+    if checkpoint is not None:
+        run_id = _run_signature(data_key if data_key is not None else fingerprint(u), k, seed, cfg)
+        release(u)  # a fingerprint read every row: 1 GB resident at 1M x 512 fp16 otherwise
     start = 0
     if checkpoint is not None and resume and Path(checkpoint).exists():
         ck = load_checkpoint(Path(checkpoint), run_id, "stage-1 checkpoint", "data, K, seed or settings")
