@@ -117,10 +117,10 @@ def test_torch_tile_cap_keeps_the_lists(h, monkeypatch):
 
     x = torch.randint(-2, 3, (300, 4)).float()  # exact ties in every query's list
     want = ops.knn(x, 12, query_chunk=300, database_chunk=300)
-    steps = []
-    real_mm = torch.Tensor.__matmul__
+    steps = []  # database rows scored per tile
+    real_scores = reference._scores
     monkeypatch.setattr(reference, "_KNN_TILE", 300 * 17)  # 17 database rows per tile
-    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: steps.append(b.shape[1]) or real_mm(a, b))
+    monkeypatch.setattr(reference, "_scores", lambda a, b: steps.append(b.shape[0]) or real_scores(a, b))
     got = ops.knn(x, 12, query_chunk=300, database_chunk=300)
     monkeypatch.undo()
     assert max(steps) == 17 and len(steps) == -(-300 // 17)
