@@ -104,6 +104,19 @@ def test_database_chunk_smaller_than_k(backend, h):
     check(h, *ops.knn(x, 20, database_chunk=7, query_chunk=60), x, 20, torch.float32)
 
 
+@pytest.mark.parametrize("dc", [7, 300])  # the duplicates in other database chunks, or in one
+def test_top1_ties_keep_the_lowest_index(backend, h, dc):
+    """k = 1 (k-means' nearest centre) keeps the lowest index among equal best scores,
+    within a chunk and across chunks, as the stable sort of k > 1 does."""
+    x = torch.randint(-2, 3, (40, 4), generator=torch.Generator().manual_seed(1)).float()  # many exact ties
+    x[[3, 11, 30]] = 3.0  # each the others' best (36), in different chunks of 7 rows
+    queries = torch.cat([x[:20], -x[5:9]])
+    scores, idx = ops.knn(x, 1, queries=queries, database_chunk=dc, query_chunk=13)
+    _, top_s, top_i = formula(x, 1, queries)
+    assert torch.equal(idx, top_i) and torch.equal(scores.double(), top_s)
+    assert idx[3, 0] == 3 and idx[11, 0] == 3
+
+
 def test_big_torch_only(h):
     x = h.unit(2000, 64)
     check(h, *ops.knn(x, 50, query_chunk=1000, database_chunk=700), x, 50, torch.float32)
