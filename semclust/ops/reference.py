@@ -109,6 +109,23 @@ def retrieve(x: Tensor, bank: Tensor, tau: float, normalize: bool = True, chunk_
     return torch.cat(out).to(x.dtype)
 
 
+def _top_columns(s: Tensor, k: int) -> Tensor:
+    """[m, k] columns of the k largest entries of each row of s [m, n], best first, an
+    earlier column first among equal scores: the first k of a stable descending sort,
+    without sorting all n (topk finds the k-th score t; every entry above t is in, and the
+    earliest entries equal to t fill the rest; one stable sort of the k chosen orders them)."""
+    t = s.topk(k, dim=1, sorted=False).values.min(1, keepdim=True).values
+    above, tied = s > t, s == t
+    room = k - above.sum(1, keepdim=True)
+    chosen = above | tied
+    crowded = (tied.sum(1, keepdim=True) > room).squeeze(1)  # more entries equal t than places
+    if bool(crowded.any()):
+        r = crowded.nonzero().squeeze(1)
+        chosen[r] = above[r] | (tied[r] & (tied[r].cumsum(1) <= room[r]))
+    cols = chosen.nonzero()[:, 1].view(s.shape[0], k)  # increasing column order per row
+    return cols.gather(1, torch.sort(s.gather(1, cols), dim=1, descending=True, stable=True).indices)
+
+
 def knn(
     x: Tensor,
     k: int,
@@ -147,13 +164,13 @@ def knn(
                     better = s > best_s
                     best_s, best_i = torch.where(better, s, best_s), torch.where(better, i + ds, best_i)
                 continue
-            ids = torch.arange(ds, ds + sim.shape[1], device=x.device).expand(q.shape[0], -1)
             cand_s = torch.cat([best_s, sim], dim=1)
-            cand_i = torch.cat([best_i, ids], dim=1)
             kk = min(k, cand_s.shape[1])
-            # ties go to the lower index: stable sort keeps database order among equals
-            order = torch.sort(cand_s, dim=1, descending=True, stable=True).indices[:, :kk]
-            best_s, best_i = cand_s.gather(1, order), cand_i.gather(1, order)
+            order = _top_columns(cand_s, kk)
+            # a column below the kept list's width is a kept neighbour, the rest database rows
+            nb = best_i.shape[1]
+            kept = best_i.gather(1, order.clamp_max(max(nb - 1, 0))) if nb else order
+            best_s, best_i = cand_s.gather(1, order), torch.where(order < nb, kept, order - nb + ds)
         scores_out.append(best_s)
         idx_out.append(best_i)
     return torch.cat(scores_out).to(q_all.dtype), torch.cat(idx_out)
