@@ -65,8 +65,8 @@ def _compute_dtype(*ts: Tensor) -> torch.dtype:
 def _scores(a: Tensor, b: Tensor) -> Tensor:
     """a @ b.T, [m, n]. On CPU b gets zero rows up to a multiple of 8 and the product's
     padding columns are dropped (a view): MKL runs a product whose width is not a multiple
-    of 8 on a slow path (on an AMD EPYC 1.5x slower at 333 columns, 1.27x in `retrieve` at a
-    1003-noun bank; the ext pads its tiles the same way, see csrc/cpu_common.h)."""
+    of 8 on a slow path (on an AMD EPYC 1.5x slower at 333 columns; `retrieve` 1.15-1.3x
+    slower at a 1003-noun bank; the ext pads its tiles the same way, see csrc/cpu_common.h)."""
     n = b.shape[0]
     if a.device.type != "cpu" or n % 8 == 0:
         return a @ b.T
