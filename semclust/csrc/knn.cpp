@@ -19,22 +19,45 @@
 namespace semclust_ext {
 namespace {
 
+// Move a[lo..last) up by one place to a[lo+1..last+1), from the top down: 32-byte vector
+// moves (each load reads below what the previous store wrote, so no store is read back),
+// then the few left one by one. A memmove call costs more than these short shifts.
+template <typename U>
+inline void shift_up(U* a, int64_t lo, int64_t last) {
+  int64_t j = last;
+#if defined(__AVX2__)
+  constexpr int64_t W = 32 / sizeof(U);
+  for (; j - W >= lo; j -= W)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a + j - W + 1),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + j - W)));
+#endif
+  for (; j > lo; --j) a[j] = a[j - 1];
+}
+
 // Insert (s, id) into a row's running top-k (best first). Candidates arrive in increasing
 // database index, so an equal score stays behind the earlier (lower) index.
 template <typename T>
 inline void topk_insert(T* sc, int64_t* ix, int64_t& count, int64_t k, T s, int64_t id) {
-  // the list is sorted: the insert position is the number of scores >= s (a branch-free
-  // vector count is cheaper than a binary search's mispredicted branches)
-  int64_t lo = 0;
-#pragma omp simd reduction(+ : lo)
-  for (int64_t j = 0; j < count; ++j) lo += sc[j] >= s;
-  const int64_t last = count < k ? count++ : k - 1;  // the k-th best falls off a full list
-  // shift the tail by one (an inline loop: a memmove call costs more than these few moves)
-#pragma GCC unroll 4
-  for (int64_t j = last; j > lo; --j) {
-    sc[j] = sc[j - 1];
-    ix[j] = ix[j - 1];
+  // the list is sorted: the insert position is the number of scores >= s, counted 8 at a
+  // time until a group holds a smaller one (branch-free within a group; a binary search's
+  // branches mispredict)
+  int64_t lo = 0, j = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 sv = _mm256_set1_ps(s);
+    for (; j + 8 <= count; j += 8) {
+      const int n = __builtin_popcount(
+          static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(sc + j), sv, _CMP_GE_OQ))));
+      lo += n;
+      if (n < 8) break;
+    }
+    if (j + 8 <= count) j = count;  // stopped inside the list: lo is final
   }
+#endif
+  for (; j < count; ++j) lo += sc[j] >= s;
+  const int64_t last = count < k ? count++ : k - 1;  // the k-th best falls off a full list
+  shift_up(sc, lo, last);
+  shift_up(ix, lo, last);
   sc[lo] = s;
   ix[lo] = id;
 }
