@@ -122,8 +122,11 @@ class NeighbourConfig(_Section):
     # exact search over 10^5 rows of D = 512 takes ~1 min on a 2-core CPU, and its cost grows
     # as N^2: 10^6 rows would take hours where IVF takes ~10 min (benchmarks/RESULTS.md)
     exact_max_rows: int = option(100_000, low=0)
-    nlist: int = option(0, low=0)  # IVF cells; 0: 4 sqrt(N)
-    nprobe: int = option(16, low=1)  # IVF cells scanned per query
+    # IVF cells (0: sqrt(N)) and cells scanned per query: ~4 sqrt(N) rows scanned per query,
+    # as 16 of 4 sqrt(N) cells would, with a quarter of the coarse quantizer's work
+    # (neighbours.default_nlist says why)
+    nlist: int = option(0, low=0)
+    nprobe: int = option(4, low=1)
     recall_sample: int = option(1000, low=0)  # with "ivf": queries checked against exact search, recall@k in history_
 
 

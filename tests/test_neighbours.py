@@ -155,3 +155,13 @@ def test_auto_above_the_limit_searches_with_ivf(monkeypatch):
     # below the limit the same call is the exact search, bit for bit
     assert torch.equal(neighbours.knn_lists(z, 5, cfg=NeighbourConfig(exact_max_rows=400)).long(), want)
     assert len(built) == 1
+
+
+def test_default_ivf_cells_scan_four_sqrt_n_rows_per_query():
+    """sqrt(N) cells (at most N / 39, faiss's floor of training rows per cell) and 4 scanned
+    per query: ~4 sqrt(N) rows per query, as faiss's 16 of 4 sqrt(N) cells would scan."""
+    assert neighbours.default_nlist(1_000_000) == 1000
+    assert neighbours.default_nlist(250_000) == 500
+    assert neighbours.default_nlist(1000) == 1000 // 39  # sqrt: 31 cells of 32 rows, too few to train
+    assert neighbours.default_nlist(10) == 1
+    assert NeighbourConfig().nprobe == 4
