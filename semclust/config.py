@@ -120,7 +120,7 @@ class NeighbourConfig(_Section):
     # exact_max_rows rows, ivf above (exact, with a warning, where faiss is not installed)
     method: str = option("auto", choices=("auto", "exact", "ivf"))
     # exact search over 10^5 rows of D = 512 takes ~1 min on a 2-core CPU, and its cost grows
-    # as N^2: 10^6 rows would take hours where IVF takes ~10 min (benchmarks/RESULTS.md)
+    # as N^2: 10^6 rows would take hours where IVF takes ~7 min (benchmarks/RESULTS.md)
     exact_max_rows: int = option(100_000, low=0)
     # IVF cells (0: sqrt(N)) and cells scanned per query: ~4 sqrt(N) rows scanned per query,
     # as 16 of 4 sqrt(N) cells would, with a quarter of the coarse quantizer's work
