@@ -78,8 +78,8 @@ def default_nlist(n: int) -> int:
     scan of nprobe cells as N nprobe N / nlist; at a fixed number of rows scanned per query
     fewer, larger cells drop most of the first for the same recall. 10^6 CLIP-like rows,
     D = 512, k = 50, 2 threads (benchmarks/RESULTS.md): 4 sqrt(N) = 4000 cells with nprobe 16
-    took 323 s per modality (recall@50 0.99968), sqrt(N) = 1000 with nprobe 4 213 s
-    (0.99965); the scan of the fp16 codes is the rest (~200 s)."""
+    took 314 / 310 s (images / counterparts; recall@51 0.99953 / 0.99980), sqrt(N) = 1000 with
+    nprobe 4 213 / 216 s (0.99965 / 0.99955); the scan of the fp16 codes is the rest (~200 s)."""
     return max(1, min(int(math.sqrt(n)), n // 39))
 
 
