@@ -104,6 +104,131 @@ def test_each_k_scores_its_best_candidate_partition(monkeypatch):
     assert cluster_accuracy(y.numpy(), joint.numpy()) > 0.95 > 0.85 > cluster_accuracy(y.numpy(), alone.numpy())
 
 
+def _long_tail(d=24, seed=0, n_big=(700, 500), n_small=(20, 15, 12)):
+    """Two large concepts of two sub-concepts each and three small compact ones (a long
+    tail); both modalities see the same structure, the images more noisily."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g))[0]
+    k = len(n_big) + len(n_small)
+    subs = basis[k:k + 2 * len(n_big)].reshape(len(n_big), 2, d)
+    labels = torch.cat([torch.full((m,), c) for c, m in enumerate(n_big + n_small)])
+    big = labels < len(n_big)
+    off = torch.zeros(labels.shape[0], d)
+    off[big] = subs[labels[big], torch.randint(2, (int(big.sum()),), generator=g)]
+    x = basis[:k][labels] + 0.8 * off
+    u = F.normalize(x + 0.5 * torch.randn(x.shape, generator=g), dim=1)
+    v = F.normalize(x + 0.2 * torch.randn(x.shape, generator=g), dim=1)
+    return u, v, labels
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_the_tree_keeps_small_classes_that_k_means_merges(seed):
+    """At the true K, k-means (either space) splits the large concepts by their sub-concepts
+    and merges the small ones; the average-linkage tree of v cut at K keeps them, and it is
+    the candidate K scores."""
+    from semclust.config import Config
+    from semclust.metrics import cluster_accuracy
+
+    u, v, y = _long_tail(seed=seed)
+    n, k = u.shape[0], int(y.max()) + 1
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    fit, ev = perm[: n // 2], perm[n // 2:]
+    tree = k_search._average_tree(v, perm)
+    cut = k_search._cut(tree, perm, v, k, 4096)
+    assert cut.shape == (n,) and int(cut.max()) + 1 == k
+    acc = {"tree": cluster_accuracy(y.numpy(), cut.numpy())}
+    for name, x in (("text", v), ("joint", k_search._joint_space(u, v))):
+        acc[name] = cluster_accuracy(y.numpy(), k_search.ops.kmeans(x, k, seed=0, restarts=1).labels.numpy())
+    assert acc["tree"] > 0.99 and max(acc["text"], acc["joint"]) < 0.75
+    r = k_search._cross_modal(u, v, k, fit, ev, Config(), 0, 1, tree, perm)
+    assert r["partition"] == "tree"
+    assert r["mean"] > k_search._cross_modal(u, v, k, fit, ev, Config(), 0, 1)["mean"] + 0.02  # without the tree
+
+
+def test_the_tree_on_a_subset_places_every_other_row():
+    """Beyond TREE_ROWS the tree is built on a random subset; every other row joins the cut
+    cluster of highest mean cosine, and the tree's own rows keep their cut labels."""
+    from semclust.metrics import cluster_accuracy
+
+    u, v, y = _long_tail(seed=1)
+    ids = torch.randperm(v.shape[0], generator=torch.Generator().manual_seed(1))[:600]
+    tree = k_search._average_tree(v, ids)
+    lab = k_search._cut(tree, ids, v, 5, 100)
+    assert lab.shape == (v.shape[0],)
+    # the subset's rows keep the cut; the rest joins the nearest cluster by mean cosine
+    sub = torch.from_numpy(k_search.fcluster(tree, 5, criterion="maxclust") - 1)
+    assert torch.equal(lab[ids], sub)
+    means = torch.stack([v[ids][sub == c].mean(0) for c in range(5)])
+    rest = torch.ones(v.shape[0], dtype=torch.bool).index_fill_(0, ids, False)
+    assert torch.equal(lab[rest], (v[rest] @ means.T).argmax(1))
+    assert cluster_accuracy(y.numpy(), lab.numpy()) > 0.95
+
+
+def test_a_tree_cut_that_cannot_make_k_clusters_is_skipped():
+    """Tied merge heights (duplicate rows): no cut of two distinct points makes 3 clusters;
+    that K is scored on the k-means candidates alone."""
+    from semclust.config import Config
+
+    v = F.normalize(torch.tensor([[1.0, 0.0]] * 6 + [[0.0, 1.0]] * 6), dim=1)
+    ids = torch.arange(12)
+    tree = k_search._average_tree(v, ids)
+    assert k_search._cut(tree, ids, v, 3, 64) is None
+    assert int(k_search._cut(tree, ids, v, 2, 64).max()) == 1
+    r = k_search._cross_modal(v, v, 3, ids[::2], ids[1::2], Config(), 0, 1, tree, ids)
+    assert r["partition"] in ("text", "joint")
+
+
+def test_a_cut_that_isolates_outliers_is_not_scored():
+    """A two-lobed bulk and two far-off rows, one in each half: the tree's cut at K = 3 is
+    {bulk, outlier, outlier}, whose far-off clusters give every bulk row inflated margins
+    (it would score 0.58 against k-means's 0.39 on the lobes). An outlier's cluster has no
+    image centre or no silhouette, so K = 3 is scored on the k-means candidates."""
+    from semclust.config import Config
+
+    g = torch.Generator().manual_seed(0)
+    e = torch.eye(8)
+    lobe = torch.randint(2, (400, 1), generator=g) * 2 - 1
+    bulk = F.normalize(e[0] + 0.5 * e[1] * lobe + 0.15 * torch.randn(400, 8, generator=g), dim=1)
+    v = torch.cat([bulk, e[6:8]])
+    ids = torch.randperm(402, generator=g)
+    inner = ids[ids < 400]
+    fit, ev = torch.cat([inner[:200], torch.tensor([400])]), torch.cat([inner[200:], torch.tensor([401])])
+    tree = k_search._average_tree(v, ids)
+    assert torch.bincount(k_search._cut(tree, ids, v, 3, 64)).tolist() == [400, 1, 1]
+    with_tree = k_search._cross_modal(v, v, 3, fit, ev, Config(), 0, 1, tree, ids)
+    without = k_search._cross_modal(v, v, 3, fit, ev, Config(), 0, 1)
+    assert with_tree["partition"] != "tree" and with_tree["mean"] == without["mean"]
+
+
+def test_the_image_margin_without_another_centre_is_zero():
+    """Every other cluster lacks fit rows: no image centre to compare with, margin 0 (not
+    the sentinel distance's inflated value)."""
+    u = F.normalize(torch.randn(40, 6, generator=torch.Generator().manual_seed(0)), dim=1)
+    labels = torch.zeros(40, dtype=torch.long)
+    labels[-1] = 1  # cluster 1: one held-out row, no fit row
+    fit, ev = torch.arange(20), torch.arange(20, 40)
+    t = k_search._image_margin(u, labels, 2, fit, ev)
+    assert torch.equal(t, torch.zeros(20))
+    labels[0] = 1  # now cluster 1 has a fit row: real margins
+    assert (k_search._image_margin(u, labels, 2, fit, ev).abs() > 0).all()
+
+
+@pytest.mark.parametrize("k", [2, 7])
+def test_silhouette_rows_match_scikit_learn(k):
+    """The per-row silhouette (computed from cluster sums, no [m, m] matrix) against
+    scikit-learn's from the full cosine distance matrix; a singleton scores 0 in both."""
+    from sklearn.metrics import silhouette_samples
+
+    g = torch.Generator().manual_seed(k)
+    x = F.normalize(torch.randn(150, 9, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.randint(k, (150,), generator=g)
+    labels[0] = k  # a singleton cluster
+    ref = silhouette_samples(x.numpy(), labels.numpy(), metric="cosine")
+    ours = k_search._silhouette_rows(x, labels, k + 1)
+    np.testing.assert_allclose(ours.numpy(), ref, atol=1e-10)
+    assert ours[0] == 0.0
+
+
 def test_grid_is_geometric_distinct_and_inclusive():
     g = k_grid(2, 200, 24)
     assert g[0] == 2 and g[-1] == 200 and len(g) == len(set(g)) and g == sorted(g)

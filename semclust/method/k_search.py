@@ -49,20 +49,40 @@ measures exactly that part and takes it out; on one Gaussian (no clusters) the r
 rises with K while the gap stays at 0 (`tests/test_k_search.py`).
 
 Partitions. The score judges a partition, not how it was made, so each K takes the best
-of two candidates: k-means of v (the text side alone) and k-means of the joint space
-[normalise(u_i - mean u), normalise(v_i - mean v)] / sqrt 2 (both modalities, each with its
-cone's offset, the modality gap, taken out and with unit norm, so neither dominates by
-scale; `_joint_space`). The null reference gets the same two candidates, so whatever a
-second try adds by chance its null adds too. Why two: k-means of v alone spends clusters on
-nouns that many concepts share (a "part" noun: grass, sky) and merges concepts to pay for
-them at the true K, so a larger K holding the concepts plus the shared-noun piles scored
-best (balanced: 15 on seeds 1 and 2); the images put those rows with their concept, and the
-joint partition keeps them there (ACC of the partition at K = 10, balanced seed 1: v 0.53,
-joint 0.74; `tests/test_k_search.py` builds the case). The joint partition alone is worse
-where centred images are dominated by style (longtail100 seed 0 at K = 10: v 0.65, joint
-0.52) and chose 11 / 14 of 18 (seeds 0-2), as v alone did; the better of the two per K
-chose 13 / 16 (details below). The objective reported per K is v's k-means objective (the
-one comparable across K); `partition` says which candidate scored.
+of three candidates (`PARTITIONS`): k-means of v (the text side alone), k-means of the joint
+space [normalise(u_i - mean u), normalise(v_i - mean v)] / sqrt 2 (both modalities, each
+with its cone's offset, the modality gap, taken out and with unit norm, so neither
+dominates by scale; `_joint_space`), and the average-linkage tree of v cut at K ("tree").
+The null reference gets the same three, so whatever another try adds by chance its null
+adds too.
+
+* Why the joint one: k-means of v alone spends clusters on nouns that many concepts share
+  (a "part" noun: grass, sky) and merges concepts to pay for them at the true K, so a larger
+  K holding the concepts plus the shared-noun piles scored best (balanced: 15 on seeds 1
+  and 2); the images put those rows with their concept, and the joint partition keeps them
+  there (ACC of the partition at K = 10, balanced seed 1: v 0.53, joint 0.74;
+  `tests/test_k_search.py` builds the case). The joint partition alone is worse where
+  centred images are dominated by style (longtail100 seed 0 at K = 10: v 0.65, joint 0.52).
+* Why the tree (2026-12-07): k-means's objective is a sum over rows, so at the true K of a
+  long tail it buys a split of a large class by its sub-concepts with a small class's
+  separation (longtail100 seed 1 at K = 10: ACC of the k-means partitions 0.51-0.75, the
+  small classes merged into one cluster). The true labels score higher than any k-means
+  partition at any K there (0.155 against at most 0.145), so the partition, not the score,
+  held the estimate down. Average linkage joins the two groups of least *mean* pairwise
+  distance whatever their sizes, so a compact small class stays apart until late: the
+  same cut at K = 10 has ACC 0.90 (one tree of S rows, `TREE_ROWS` at most, serves every
+  K; the rest of the sample joins the cluster of highest mean cosine, the linkage's own
+  distance). The tree of the joint space was also tried: it never scored best.
+* A cut also isolates outliers as clusters of a row or two, and the silhouette's known
+  flaw follows: beside a far-off cluster every other row's margins are large (such cuts
+  scored 0.06-0.21 at K = 2-5, data and null alike, and a k100 run chose K = 2). A cut is
+  therefore scored only if each cluster has an image centre (a fit row) and a silhouette
+  (two held-out rows), what the score needs to be defined; k-means clusters, regions
+  around a centre, meet it. For the same reason a row whose every other cluster lacks fit
+  rows has image margin 0, as a singleton has silhouette 0.
+
+The objective reported per K is v's k-means objective (the one comparable across K);
+`partition` says which candidate scored.
 
 Measured (`python -m semclust.bench.k --acc`, 6 scenarios x 3 seeds, the defaults,
 2026-12-05; the table is in README.md, "Cluster names and the number of clusters"): on
@@ -158,7 +178,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import pdist
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -170,7 +193,10 @@ log = logging.getLogger(__name__)
 
 CRITERIA = ("cross_modal_gap", "cross_modal", "silhouette")
 # the candidate partitions of each K (see the module doc, "Partitions")
-PARTITIONS = ("text", "joint")
+PARTITIONS = ("text", "joint", "tree")
+# rows the average-linkage tree is built on (its pairwise distances: TREE_ROWS^2 / 2 doubles,
+# 256 MB at 8000); further sampled rows join the cluster of highest mean cosine
+TREE_ROWS = 8000
 
 
 @dataclass
@@ -238,10 +264,11 @@ def _check_range(k_range: Sequence[int], n: int) -> tuple[int, int]:
 
 def _silhouette_rows(x: Tensor, labels: Tensor, k: int) -> Tensor:
     """Per-row cosine silhouette of rows x [m, D] with labels [m] (among these m rows)."""
-    dist = (1.0 - x @ x.T).clamp_min(0.0)
     oh = F.one_hot(labels, k).to(x.dtype)
     cnt = oh.sum(0)
-    sums = dist @ oh  # [m, k]: summed distance of each row to each cluster
+    # [m, k]: summed distance of each row to each cluster, sum_j (1 - x_i . x_j) over its rows j
+    # = count - x_i . (their sum): O(m k D), no [m, m] distance matrix (unit rows)
+    sums = (cnt - x @ (oh.T @ x).T).clamp_min(0.0)
     own = sums.gather(1, labels[:, None]).squeeze(1)
     a = own / (cnt[labels] - 1).clamp_min(1)
     mean = sums / cnt.clamp_min(1)
@@ -264,7 +291,10 @@ def _image_margin(u: Tensor, labels: Tensor, k: int, fit: Tensor, ev: Tensor) ->
     own = sim.gather(1, labels[ev][:, None]).squeeze(1)
     other = sim.scatter(1, labels[ev][:, None], -2.0).max(1).values
     a, b = 1.0 - own, 1.0 - other  # cosine distances to the own and the nearest other centre
-    return (b - a) / torch.maximum(a, b).clamp_min(1e-12)
+    t = (b - a) / torch.maximum(a, b).clamp_min(1e-12)
+    # no other centre (every other cluster lacks fit rows) or none of its own: no margin,
+    # as the silhouette gives a singleton 0
+    return t.masked_fill((other < -1.0) | (own < -1.0), 0.0)
 
 
 def _joint_space(u: Tensor, v: Tensor) -> Tensor:
@@ -274,22 +304,56 @@ def _joint_space(u: Tensor, v: Tensor) -> Tensor:
     return torch.cat([F.normalize(u - u.mean(0), dim=1), F.normalize(v - v.mean(0), dim=1)], 1) / 2**0.5
 
 
+def _average_tree(v: Tensor, ids: Tensor) -> np.ndarray:
+    """The average-linkage (UPGMA) tree of the rows `ids` of v (at most `TREE_ROWS`, a random
+    subset) under the cosine distance, as scipy's linkage matrix (`_cut` cuts it at any K)."""
+    return linkage(pdist(v[ids].double().cpu().numpy(), "cosine"), method="average")
+
+
+def _cut(tree: np.ndarray, ids: Tensor, v: Tensor, k: int, chunk: int) -> Optional[Tensor]:
+    """Labels [S] of the rows of v: the tree over the rows `ids` cut into k clusters, the
+    other rows joined to the cluster of highest mean cosine (the linkage's own distance,
+    1 - x . mean). None when the cut cannot make exactly k clusters (tied merge heights)."""
+    cut = torch.from_numpy(fcluster(tree, k, criterion="maxclust").astype(np.int64) - 1).to(v.device)
+    if int(cut.max()) + 1 != k:
+        return None
+    if ids.shape[0] == v.shape[0]:
+        return torch.empty_like(cut).index_copy_(0, ids, cut)
+    means = torch.zeros(k, v.shape[1], device=v.device).index_add_(0, cut, v[ids])
+    means /= torch.bincount(cut, minlength=k)[:, None]
+    labels = torch.cat([(v[s : s + chunk] @ means.T).argmax(1) for s in range(0, v.shape[0], chunk)])
+    return labels.index_copy_(0, ids, cut)
+
+
 def _cross_modal(u: Tensor, v: Tensor, k: int, fit: Tensor, ev: Tensor, cfg: Config, seed: int,
-                 restarts: int) -> dict:
+                 restarts: int, tree: Optional[np.ndarray] = None, tree_ids: Optional[Tensor] = None) -> dict:
     """The best of the candidate partitions (`PARTITIONS`: k-means of the counterparts v,
-    and of the joint space) into k clusters, scored on the held-out rows `ev`: the per-row
-    product of the text silhouette and the (clipped) image margin, its mean, standard
-    error and parts, and which candidate it was."""
+    k-means of the joint space, and v's average-linkage `tree` cut at k, when given) into k
+    clusters, scored on the held-out rows `ev`: the per-row product of the text silhouette
+    and the (clipped) image margin, its mean, standard error and parts, and which
+    candidate it was."""
     best, objective = None, None
     for name in PARTITIONS:
-        x = v if name == "text" else _joint_space(u, v)
-        km = ops.kmeans(x, k, iters=cfg.semantic.kmeans_iters, restarts=restarts, seed=seed, chunk_size=cfg.chunks.assign)
-        s = _silhouette_rows(v[ev], km.labels[ev], k)
-        t = _image_margin(u, km.labels, k, fit, ev)
+        if name == "tree":
+            labels = None if tree is None else _cut(tree, tree_ids, v, k, cfg.chunks.assign)
+            # a cut isolates outliers as clusters of a row or two: such a cluster has no
+            # image centre (no fit row) or no silhouette (< 2 held-out rows), and its far-off
+            # position inflates every other row's margins (bulk + outliers scored 0.06-0.21
+            # at K = 2-5, data and null alike); k-means clusters are regions around a centre
+            if labels is None or bool((torch.bincount(labels[fit], minlength=k) < 1).any()
+                                      or (torch.bincount(labels[ev], minlength=k) < 2).any()):
+                continue
+        else:
+            x = v if name == "text" else _joint_space(u, v)
+            km = ops.kmeans(x, k, iters=cfg.semantic.kmeans_iters, restarts=restarts, seed=seed,
+                            chunk_size=cfg.chunks.assign)
+            labels = km.labels
+            if name == "text" or objective is None:
+                objective = float(km.objective)  # the text one: the k-means objective comparable across K
+        s = _silhouette_rows(v[ev], labels[ev], k)
+        t = _image_margin(u, labels, k, fit, ev)
         both = s * t.clamp_min(0.0)
         mean = float(both.mean())
-        if name == "text" or objective is None:
-            objective = float(km.objective)  # the text partition's: the one k-means objective comparable across K
         if best is None or mean > best["mean"]:
             # var: the squared standard error of the mean over the held-out rows
             best = {"mean": mean, "var": float(both.var()) / both.numel() if both.numel() > 1 else 0.0,
@@ -384,14 +448,17 @@ def estimate_k(
         # the null's counterparts come from the same vocabulary: whatever the noun piles
         # alone make of the score, the reference makes too
         null_vs = [counterparts.text_counterparts(x, bank, cfg.counterparts, cfg.chunks).float() for x in null_us]
+        # one tree per space serves every K (a cut is a lookup)
+        tree_ids = perm[:TREE_ROWS]
+        tree, null_trees = _average_tree(v, tree_ids), [_average_tree(y, tree_ids) for y in null_vs]
         scores = []
         for kk in grid:
             # draw d: k-means seed seed + d on the data and on null reference d; averaging
             # over draws takes out most of one k-means run's luck (the score of a single
             # run moves by more than the differences between neighbouring K)
-            real = [_cross_modal(us, v, kk, fit, ev, cfg, seed + d, restarts) for d in range(draws)]
-            null = [_cross_modal(x, y, kk, fit, ev, cfg, seed + d, restarts)
-                    for d, (x, y) in enumerate(zip(null_us, null_vs))]
+            real = [_cross_modal(us, v, kk, fit, ev, cfg, seed + d, restarts, tree, tree_ids) for d in range(draws)]
+            null = [_cross_modal(x, y, kk, fit, ev, cfg, seed + d, restarts, t, tree_ids)
+                    for d, (x, y, t) in enumerate(zip(null_us, null_vs, null_trees))]
 
             def mean(key: str, runs: list[dict]) -> float:
                 return sum(r[key] for r in runs) / draws
