@@ -104,8 +104,8 @@ def test_each_k_scores_its_best_candidate_partition(monkeypatch):
     assert cluster_accuracy(y.numpy(), joint.numpy()) > 0.95 > 0.85 > cluster_accuracy(y.numpy(), alone.numpy())
 
 
-def _long_tail(d=24, seed=0, n_big=(700, 500), n_small=(20, 15, 12)):
-    """Two large concepts of two sub-concepts each and three small compact ones (a long
+def _long_tail(d=24, seed=0, n_big=(400, 300, 250), n_small=(20, 15, 12)):
+    """Three large concepts of two sub-concepts each and three small compact ones (a long
     tail); both modalities see the same structure, the images more noisily."""
     g = torch.Generator().manual_seed(seed)
     basis = torch.linalg.qr(torch.randn(d, d, generator=g))[0]
@@ -198,6 +198,26 @@ def test_a_cut_that_isolates_outliers_is_not_scored():
     with_tree = k_search._cross_modal(v, v, 3, fit, ev, Config(), 0, 1, tree, ids)
     without = k_search._cross_modal(v, v, 3, fit, ev, Config(), 0, 1)
     assert with_tree["partition"] != "tree" and with_tree["mean"] == without["mean"]
+
+
+def test_a_cut_is_scored_only_where_it_describes_k_groups():
+    """Every cluster needs a fit row and two held-out rows, and none may hold most rows."""
+    fit, ev = torch.arange(0, 100, 2), torch.arange(1, 100, 2)
+    ok = torch.arange(100) % 3  # three interleaved groups
+    assert k_search._k_groups(ok, 3, fit, ev)
+    sizes = torch.zeros(100, dtype=torch.long)
+    sizes[:30], sizes[30:60] = 1, 2  # 40 / 30 / 30
+    assert k_search._k_groups(sizes, 3, fit, ev)
+    sizes[:15], sizes[30:45] = 0, 0  # 70 / 15 / 15: a bulk and two fragments
+    assert not k_search._k_groups(sizes, 3, fit, ev)
+    no_fit = ok.clone()
+    no_fit[ev[:3]] = 3  # cluster 3: three held-out rows, no fit row
+    assert not k_search._k_groups(no_fit, 4, fit, ev)
+    one_ev = ok.clone()
+    one_ev[torch.tensor([0, 2, 1])] = 3  # two fit rows, one held-out row
+    assert not k_search._k_groups(one_ev, 4, fit, ev)
+    half = (torch.arange(100) >= 50).long()
+    assert k_search._k_groups(half, 2, fit, ev)  # exactly half is not "most"
 
 
 def test_the_image_margin_without_another_centre_is_zero():
