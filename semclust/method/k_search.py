@@ -167,19 +167,21 @@ Cost. Everything runs on a sample of S = min(N, max(sample, 20 k_max)) rows (800
 default), so beyond reading the S sampled rows the cost does not grow with N: one k-means at
 k0 (the fit's iterations and restarts), the counterparts of the S rows and of S null rows,
 one D x D eigendecomposition, two average-linkage trees (data and null, on at most
-`TREE_ROWS` rows: their pairwise distances, 256 MB at 8000), then per K of the grid four
+`TREE_ROWS` = 5000 rows: their pairwise distances, 100 MB), then per K of the grid four
 k-means (two candidates, data and null, `restarts` each) on S rows and six silhouettes on
 the |E| <= 2000 held-out rows (from cluster sums: O(|E| K D), no [|E|, |E|] matrix).
 Measured alone on the 2-core machine (`bench.k --acc --seeds 1`, two threads, 2026-12-07):
 6.9 s per search on gap and 6.4 s on longtail100 (5000 rows, all sampled) against 6.0 and
 5.5 s for a fit at the true K (counterparts, kNN, stage 1: its "fit_seconds"), 1.2 fits;
-14.2 s on k100 (10^4 rows, 8000 sampled) against 3.1 s, 4.5 fits, above the issue's ~3 at
-that size (a profile of 16.8 s: the two 8000-row trees 6.8 s (scipy's pdist 2.3 s, linkage
-4.4 s), k-means 9.3 s (its greedy k-means++ seeding 3.4 s)). The two k-means candidates of
-2026-12-05 took 4.4-7.5 s. At 10^5 and 10^6 rows the search runs on the same 8000-row
-sample, so it costs the same ~7-15 s plus gathering those rows, while a fit's counterparts,
-kNN and training grow with N (100k x 100: 3.4 min a fit here, 1M: 17.9 min, README "Millions
-of images"): well under one fit, against the issue's ceiling of ~3 fits.
+14.1 s on k100 (10^4 rows, 8000 sampled, the trees on 5000 of them) against 3.8 s, 3.7 fits,
+above the issue's ~3 at that size (in one process: 13.9 and 14.6 s with 5000-row trees, 18.7
+s with trees on all 8000 rows; of a profiled 16.8 s with 8000-row trees, the trees took 6.8
+s (scipy's pdist 2.3 s, linkage 4.4 s) and k-means 9.3 s, its greedy k-means++ seeding 3.4
+s). The two k-means candidates of 2026-12-05 took 4.4-7.5 s. At 10^5 and 10^6 rows the
+search runs on the same 8000-row sample, so it costs the same ~7-15 s plus gathering those
+rows, while a fit's counterparts, kNN and training grow with N (100k x 100: 3.4 min a fit
+here, 1M: 17.9 min, README "Millions of images"): well under one fit, against the issue's
+ceiling of ~3 fits.
 """
 
 from __future__ import annotations
@@ -206,8 +208,10 @@ CRITERIA = ("cross_modal_gap", "cross_modal", "silhouette")
 # the candidate partitions of each K (see the module doc, "Partitions")
 PARTITIONS = ("text", "joint", "tree")
 # rows the average-linkage tree is built on (its pairwise distances: TREE_ROWS^2 / 2 doubles,
-# 256 MB at 8000); further sampled rows join the cluster of highest mean cosine
-TREE_ROWS = 8000
+# 100 MB); further sampled rows join the cluster of highest mean cosine. 5000 rather than the
+# whole 8000-row default sample: k100's estimates and scores were the same on seeds 0-5, and the
+# search 4-5 s (a quarter) faster
+TREE_ROWS = 5000
 
 
 @dataclass
