@@ -106,10 +106,12 @@ class SemanticClusterer:
     Args:
         n_clusters: K >= 2 (the only positional parameter), or "auto": K estimated from the
             data within `k_range` before the fit (`method.k_search.estimate_k`: the K whose
-            clusters (of the counterparts, or of both modalities, whichever scores better)
-            both modalities place each row in most, less the same score on a
-            structureless null reference (a gap statistic), on a row sample; the scores
-            of every K tried are in ``history_["k_search"]``); the K used is ``n_clusters_``.
+            clusters (k-means of the counterparts or of both modalities, or the
+            counterparts' average-linkage tree, whichever scores best) both modalities
+            place each row in most, less the same score on a structureless null reference
+            (a gap statistic), on a row sample; the scores of every K tried are in
+            ``history_["k_search"]``, with ``significant``: False, and a logged warning,
+            when no K stands out from the null); the K used is ``n_clusters_``.
         k_range: (k_min, k_max) searched when n_clusters="auto".
         clip: an open_clip model name, a model-config .json, or an encoder object with
             ``image_features``, ``tail_parameters`` and ``view_transform`` (see stage2).

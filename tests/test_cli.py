@@ -350,7 +350,7 @@ def test_bench_runs_from_the_installed_package(tmp_path):
                        cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(out.read_text())
-    assert row["scenario"] == "balanced" and 2 <= row["k"] <= 200
+    assert row["scenario"] == "balanced" and 2 <= row["k"] <= 200 and row["significant"] is True
     assert "within +-20% of the true K" in r.stdout
 
 

@@ -34,7 +34,7 @@ def test_finds_the_true_k_on_separated_blobs(k):
     assert [s["k"] for s in ks.scores] == list(range(2, 13))
     assert isinstance(ks, KSearch)
     assert ks.k == k
-    assert ks.criterion == "cross_modal_gap" and not ks.at_range_end
+    assert ks.criterion == "cross_modal_gap" and not ks.at_range_end and ks.significant is True
     at = {s["k"]: s for s in ks.scores}[k]
     # real structure: the score stands well clear of its null reference
     assert at["cross_modal"] > at["null_cross_modal"] + 10 * at["gap_se"]
@@ -49,6 +49,20 @@ def test_no_clusters_scores_like_its_null():
     flat = estimate_k(u, nouns, (2, 12), points=6)
     clustered = estimate_k(u_blobs, nouns, (2, 12), points=6)
     assert max(abs(s["cross_modal_gap"]) for s in flat.scores) < 0.25 * max(s["cross_modal_gap"] for s in clustered.scores)
+    # and the search says so: no K stands out from the null, which the table prints
+    assert clustered.significant and not flat.significant
+    assert "no K of the range scores significantly" in flat.table()
+    assert "significantly" not in clustered.table()
+
+
+def test_significance_is_one_sided_and_bonferroni_corrected():
+    from scipy.stats import norm
+
+    z1, z24 = norm.isf(0.05), norm.isf(0.05 / 24)  # 1.64, 2.87
+    assert k_search.significant_gap(1.0 * z1 + 1e-3, 1.0, 1) and not k_search.significant_gap(z1 - 1e-3, 1.0, 1)
+    # the largest of 24 gaps must clear the corrected bound
+    assert not k_search.significant_gap(2.5, 1.0, 24) and k_search.significant_gap(z24 + 1e-3, 1.0, 24)
+    assert not k_search.significant_gap(-5.0, 1.0, 1)
 
 
 def test_k_range_is_respected_and_scores_have_every_criterion():
@@ -278,6 +292,14 @@ def test_bad_inputs_error():
         estimate_k(u[0], nouns)
     with pytest.raises(ValueError, match="nouns must be"):
         estimate_k(u, nouns[:, :5])
+    bad = u.clone()
+    bad[7, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"u \(its sampled rows\) has 1 row\(s\) with NaN or Inf"):
+        estimate_k(bad, nouns, (2, 5))
+    bad = nouns.clone()
+    bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="nouns has 1 row"):
+        estimate_k(u, bad, (2, 5))
     with pytest.raises(ValueError, match="criterion"):
         estimate_k(u, nouns, (2, 5), criterion="cross_modal_1se")
     with pytest.raises(ValueError, match="sample"):

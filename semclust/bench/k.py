@@ -2,7 +2,8 @@
 
 Per scenario and seed: the true K, the estimate of each criterion (the chosen one,
 `cross_modal_gap`, first; the others are the argmax of their column of the same run's
-scores), whether the chosen estimate is within +-20% of the true K ("ok"), and seconds.
+scores), whether the chosen estimate is within +-20% of the true K ("ok"), whether its gap
+stands out from the null reference (`KSearch.significant`), and seconds.
 "superclass" has 20 classes of 4 sub-classes each whose nouns name only the sub-classes:
 "ok" counts 20 only, "ok_any_level" counts 20 or 80.
 
@@ -59,7 +60,7 @@ def run(name: str, seed: int, sample: int, rounds: int, acc: bool, restarts: int
     seconds = time.perf_counter() - t
     row = {"scenario": name, "seed": seed, "n": u.shape[0], "true_k": data.spec.k, "k": ks.k,
            "rounds": [r["k0"] for r in ks.rounds], "seconds": seconds, "sample": ks.sample,
-           "ok": within(data.spec.k, ks.k),
+           "ok": within(data.spec.k, ks.k), "significant": ks.significant,
            "ok_any_level": any(within(t, ks.k) for t in LEVELS.get(name, (data.spec.k,)))}
     for c in CRITERIA:
         row[c] = int(choose(ks.scores, c)["k"])
@@ -73,7 +74,7 @@ def run(name: str, seed: int, sample: int, rounds: int, acc: bool, restarts: int
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["scenario", "seed", "n", "true_k", "k", *CRITERIA, "ok", "ok_any_level", "seconds"]
+    cols = ["scenario", "seed", "n", "true_k", "k", *CRITERIA, "ok", "ok_any_level", "significant", "seconds"]
     if rows and "acc_at_estimate" in rows[0]:
         cols += ["acc_at_estimate", "acc_at_true_k", "fit_seconds"]
     out = ["  ".join(f"{c:>17s}" for c in cols)]

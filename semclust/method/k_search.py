@@ -104,9 +104,26 @@ Against the raw cross_modal on the same partitions (seeds 0-2, two candidates): 
 null gains on the long tails. Where it fails: superclass, whose nouns name only the 80
 sub-classes and whose images separate the sub-classes more than the classes (cross_modal_gap
 ~0.00 at K = 20 against 0.07 at 73; the true 20 classes themselves score 0.018 against 0.015
-on the null at K = 20, so no partition can lift K = 20); a 100:1 long tail (the four
-smallest classes hold 4% of the rows and move a row average by < 4%; the scores of K = 6-9
-lie within a standard error or two of each other there).
+on the null at K = 20, so no partition can lift K = 20); a 100:1 long tail, where the score
+itself prefers a coarser partition to the truth: on 4 of its 6 seeds the true 10 classes
+score below the tree's cut at K = 6 or 8, which merges small classes into their neighbours
+(seed 1: 0.155 against 0.165 at K = 6; seed 3: 0.139 against 0.152; seed 4: 0.118 against
+0.125 at K = 8; seed 5: 0.165 against 0.172 at K = 6; the offline harness on the stored
+partitions, 2026-12-07). That is the silhouette's known bias: a small class near a large one
+lowers the large class's margins (its nearest other cluster is close), and its own rows, 0.4-1%
+of the sample each, count for less than that loss. Weighting rows by |cluster|^-a to undo it
+(same harness, the three candidates): a = 0.25 13 / 14 of 18 on seeds 0-2 / 3-5 (unchanged),
+a = 0.5 13 / 11 (k100 seed 4 at 73, longtail100 no better), a = 1 (per-cluster mean) 9 / 9.
+
+Significance. The estimate is the argmax of the gaps, which exists whatever the data;
+`KSearch.significant` says whether its gap passes a one-sided z-test against 0 at 5%,
+Bonferroni-corrected over the K tried (`significant_gap`; 2.87 standard errors for 24 K).
+The standard error is the held-out rows' only (not the k-means or null-draw noise), so the
+test is lenient: on images without clusters (one Gaussian or one blob, 600-3000 rows, 12 K,
+18 runs; 2026-12-07) it flagged 15 of 18, the others' gaps at 2.7-4.3 standard errors; the
+36 runs of the six scenarios (seeds 0-5) stand 17-42 standard errors out (`bench.k`'s
+"significant"). A failed test is logged and printed under the CLI's table: no K of the range
+stands out from the null reference.
 
 The measurements below were made with the partitions of v alone, before the joint and
 tree candidates.
@@ -155,6 +172,12 @@ and 13 / 15, but k100 seed 4 fell to 73 (stage-1 ACC 0.692 -> 0.498), superclass
 stage-1 ACC is highest below the true K (seed 5: 0.719 at K = 7, 0.537 at 10; seed 1: 0.727
 at 7, 0.650 at 8), so its under-estimates cost the +-20% count, not accuracy.
 
+The gap statistic itself (Tibshirani et al.: log W_K of the null minus log W_K of the data,
+W_K the k-means objective, the same partitions and null; 2026-12-07, seeds 0-5): its argmax
+is 134-200 on every one of the 36 runs in v and 15-200 in the joint space (0 / 36 within
++-20%): counterparts pile up on single nouns, real images more tightly than the null's, so
+W_K keeps falling faster on the data up to the number of nouns.
+
 Rounds. The noun pool depends on a provisional K (`select_nouns` keeps the nouns near K
 image centres). The search builds it at k0 = k_max: the nouns near k_max image centres
 cover those of any coarser partition, so no K of the range is favoured by the
@@ -195,10 +218,12 @@ import numpy as np
 import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist
+from scipy.stats import norm
 from torch import Tensor
 from torch.nn import functional as F
 
 from .. import ops
+from ..ops.validate import finite_
 from ..config import Config
 from . import counterparts
 
@@ -227,6 +252,9 @@ class KSearch:
     seconds: float = 0.0
     # the chosen K is an end of k_range (other than 2): the best K may lie beyond it, widen the range
     at_range_end: bool = False
+    # the chosen K's gap stands above its null reference at the 5% level, Bonferroni over the K
+    # tried (`significant_gap`); False: no K of the range shows cluster structure the null lacks
+    significant: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -240,7 +268,22 @@ class KSearch:
             mark = " *" if s["k"] == self.k else ""
             lines.append(" ".join(f"{s[c]:16.4f}" if i else f"{s[c]:5d}" for i, c in enumerate(keys))
                          + f" {s.get('partition', '-'):>9s}" + mark)
+        if not self.significant:
+            lines.append(NOT_SIGNIFICANT.format(k=self.k))
         return "\n".join(lines)
+
+
+NOT_SIGNIFICANT = ("no K of the range scores significantly above the null reference (5%, Bonferroni over the K "
+                   "tried): the images may have no cluster structure at these scales; K = {k} is only the argmax")
+
+
+def significant_gap(gap: float, se: float, tried: int, level: float = 0.05) -> bool:
+    """Whether a gap stands above zero at `level`, one-sided, Bonferroni-corrected over the
+    `tried` K (the estimate is the largest of `tried` gaps, so a single-K test would pass
+    by chance). `se` is the held-out rows' standard error: it leaves out the k-means and
+    null-draw noise, so the test is lenient, and failing it is a strong sign that nothing
+    stands out (images from one Gaussian: 0.8-1.9 SE at the argmax over 11 K)."""
+    return bool(gap > norm.isf(level / max(1, tried)) * se)
 
 
 def k_grid(lo: int, hi: int, points: int = 24) -> list[int]:
@@ -433,7 +476,9 @@ def estimate_k(
         criterion: which score chooses K, one of `CRITERIA`.
     Returns:
         KSearch(k, criterion, scores = one dict per K of the last round, rounds, sample,
-        seconds, at_range_end: k is k_max, or k_min > 2: widen k_range and search again).
+        seconds, at_range_end: k is k_max, or k_min > 2: widen k_range and search again;
+        significant: the chosen K's gap passes `significant_gap`, False when no K of the
+        range stands out from the null reference).
     """
     t0 = time.perf_counter()
     cfg = cfg or Config()
@@ -455,7 +500,11 @@ def estimate_k(
     s = min(n, max(sample, 20 * hi))
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randperm(n, generator=gen)[:s].sort().values if s < n else torch.arange(n)
-    us = F.normalize(u[ids.to(u.device)].float(), dim=1)
+    # the rows read (a NaN would surface as a failed eigendecomposition of the null's covariance)
+    rows = u[ids.to(u.device)]
+    finite_("u (its sampled rows)", rows)
+    finite_("nouns", nouns)
+    us = F.normalize(rows.float(), dim=1)
     ns = F.normalize(nouns.float().to(us.device), dim=1)
     # disjoint halves: k-means sees all S rows; image centres from `fit`, scores on `ev`
     perm = torch.randperm(s, generator=gen).to(us.device)
@@ -507,5 +556,9 @@ def estimate_k(
     at_end = k == hi or (k == lo and lo > 2)
     if at_end:
         log.warning("k search: the estimate %d is an end of k_range (%d, %d); the best K may lie beyond it", k, lo, hi)
+    at = next(r for r in scores if r["k"] == k)
+    significant = significant_gap(at["cross_modal_gap"], at["gap_se"], len(scores))
+    if not significant:
+        log.warning("k search: %s", NOT_SIGNIFICANT.format(k=k))
     return KSearch(k=k, criterion=criterion, scores=scores, rounds=out_rounds, sample=int(s),
-                   seconds=time.perf_counter() - t0, at_range_end=at_end)
+                   seconds=time.perf_counter() - t0, at_range_end=at_end, significant=significant)
