@@ -263,6 +263,25 @@ def test_silhouette_rows_match_scikit_learn(k):
     assert ours[0] == 0.0
 
 
+@pytest.mark.parametrize("n,d,block", [(2, 3, 1024), (37, 5, 8), (301, 64, 100), (130, 17, 1)])
+def test_cosine_distances_match_scipy(n, d, block):
+    """The tree's condensed distances (block products) against scipy's pdist "cosine" in
+    float64: same pair order, blocks that do not divide n, unnormalised float32 rows, a
+    parallel pair (distance 0 up to rounding, never negative) and a float16 input."""
+    from scipy.spatial.distance import pdist
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, d, generator=g) * 3.0
+    x[1] = 0.5 * x[0]
+    ref = pdist(x.double().numpy(), "cosine")
+    ours = k_search._cosine_distances(x, block)
+    assert ours.dtype == np.float64 and ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-12)
+    assert 0.0 <= ours[0] < 1e-15 and (ours >= 0).all()
+    half = k_search._cosine_distances(x.half(), block)
+    np.testing.assert_allclose(half, pdist(x.half().double().numpy(), "cosine"), rtol=0, atol=1e-12)
+
+
 def test_grid_is_geometric_distinct_and_inclusive():
     g = k_grid(2, 200, 24)
     assert g[0] == 2 and g[-1] == 200 and len(g) == len(set(g)) and g == sorted(g)

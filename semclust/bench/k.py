@@ -7,7 +7,7 @@ stands out from the null reference (`KSearch.significant`), and seconds.
 "superclass" has 20 classes of 4 sub-classes each whose nouns name only the sub-classes:
 "ok" counts 20 only, "ok_any_level" counts 20 or 80.
 
-    python -m semclust.bench.k [--scenarios gap,k100] [--seeds 3] [--first-seed 0] [--sample 8000] [--acc] [--json out.json]
+    python -m semclust.bench.k [--scenarios gap,k100] [--seeds 3] [--first-seed 0] [--sample 6000] [--acc] [--json out.json]
 
 --json also keeps every run's score table (`KSearch.scores`).
 
@@ -94,7 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--scenarios", default=DEFAULT, help="comma-separated names of semclust.synthetic.SCENARIOS")
     p.add_argument("--seeds", type=int, default=3, help="seeds first-seed, ..., first-seed + seeds - 1")
     p.add_argument("--first-seed", type=int, default=0, help="e.g. 3 for held-out seeds 3-5 with --seeds 3")
-    p.add_argument("--sample", type=int, default=8000)
+    p.add_argument("--sample", type=int, default=6000)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--restarts", type=int, default=1, help="k-means restarts per K and draw (estimate_k's default)")
     p.add_argument("--draws", type=int, default=1, help="k-means seeds and null references per K (estimate_k's default)")
