@@ -190,8 +190,38 @@ class Stage2Config(_Section):
     num_workers: int = option(0, low=0)  # DataLoader workers decoding images for stage 2
 
 
+# the scores `KSearchConfig.criterion` may choose K by (`semclust.method.k_search`)
+K_CRITERIA = ("cross_modal_gap", "cross_modal", "silhouette")
+
+
+@dataclass
+class KSearchConfig(_Section):
+    """n_clusters="auto": the search for K (`semclust.method.k_search`; its module doc gives
+    the measurements behind each default)."""
+
+    criterion: str = option("cross_modal_gap", choices=K_CRITERIA)  # the others were measured worse
+    # rows searched, at least 20 x k_max: the search costs the same whatever N. 6000 rather than
+    # 8000: -20% of its k-means (most of its cost) with the same estimates (measured)
+    sample: int = option(6000, low=2)
+    points: int = option(24, low=1)  # K values on a geometric grid over k_range
+    eval_rows: int = option(2000, low=2)  # held-out rows scored per K
+    # rows the average-linkage tree is built on (its distances: tree_rows^2 / 2 doubles, 100 MB
+    # at 5000); the other sampled rows join the cluster of highest mean cosine (measured: the
+    # same estimates as with 8000)
+    tree_rows: int = option(5000, low=2)
+    # counterpart rebuilds at the estimate, restarts per K's k-means, and draws (k-means seeds and
+    # null references averaged per K, the gap statistic's B): more of each measured no better
+    rounds: int = option(1, low=1)
+    restarts: int = option(1, low=1)
+    draws: int = option(1, low=1)
+    # the chosen gap must stand above 0 at this level, Bonferroni over the K tried, or the search
+    # says no K stands out from the null (`KSearch.significant`)
+    level: float = option(0.05, low=0.0, low_open=True, high=1.0)
+
+
 _SECTIONS = {"chunks": ChunkConfig, "semantic": SemanticSpaceConfig, "counterparts": CounterpartConfig,
-             "neighbours": NeighbourConfig, "stage1": Stage1Config, "stage2": Stage2Config}
+             "neighbours": NeighbourConfig, "stage1": Stage1Config, "stage2": Stage2Config,
+             "k_search": KSearchConfig}
 _SECTION_NAMES = {kind: name for name, kind in _SECTIONS.items()}
 
 
@@ -216,6 +246,7 @@ class Config:
     neighbours: NeighbourConfig = field(default_factory=NeighbourConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    k_search: KSearchConfig = field(default_factory=KSearchConfig)
 
     def __setattr__(self, name: str, value: Any) -> None:
         kind = _SECTIONS.get(name)

@@ -9,11 +9,17 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from semclust.config import Config
 from semclust.method import k_search
 from semclust.method.k_search import CRITERIA, PARTITIONS, KSearch, choose, estimate_k, k_grid
 
 SCORE_KEYS = {"k", "cross_modal_gap", "gap_se", "cross_modal", "null_cross_modal", "silhouette", "image_silhouette",
               "objective", "partition"}
+
+
+def _search(**options):
+    """A Config whose k_search section has these options (the rest its defaults)."""
+    return Config.from_dict({"k_search": options})
 
 
 def _blobs(k=6, n=600, d=16, seed=0):
@@ -30,7 +36,7 @@ def _blobs(k=6, n=600, d=16, seed=0):
 @pytest.mark.parametrize("k", [4, 7])
 def test_finds_the_true_k_on_separated_blobs(k):
     u, nouns, _ = _blobs(k=k)
-    ks = estimate_k(u, nouns, (2, 12), points=11)
+    ks = estimate_k(u, nouns, (2, 12), _search(points=11))
     assert [s["k"] for s in ks.scores] == list(range(2, 13))
     assert isinstance(ks, KSearch)
     assert ks.k == k
@@ -46,8 +52,8 @@ def test_no_clusters_scores_like_its_null():
     u_blobs, nouns, _ = _blobs(k=5)
     g = torch.Generator().manual_seed(1)
     u = F.normalize(torch.randn(u_blobs.shape[0], u_blobs.shape[1], generator=g), dim=1)
-    flat = estimate_k(u, nouns, (2, 12), points=6)
-    clustered = estimate_k(u_blobs, nouns, (2, 12), points=6)
+    flat = estimate_k(u, nouns, (2, 12), _search(points=6))
+    clustered = estimate_k(u_blobs, nouns, (2, 12), _search(points=6))
     assert max(abs(s["cross_modal_gap"]) for s in flat.scores) < 0.25 * max(s["cross_modal_gap"] for s in clustered.scores)
     # and the search says so: no K stands out from the null, which the table prints
     assert clustered.significant and not flat.significant
@@ -59,15 +65,16 @@ def test_significance_is_one_sided_and_bonferroni_corrected():
     from scipy.stats import norm
 
     z1, z24 = norm.isf(0.05), norm.isf(0.05 / 24)  # 1.64, 2.87
-    assert k_search.significant_gap(1.0 * z1 + 1e-3, 1.0, 1) and not k_search.significant_gap(z1 - 1e-3, 1.0, 1)
+    assert k_search.significant_gap(1.0 * z1 + 1e-3, 1.0, 1, 0.05) and not k_search.significant_gap(z1 - 1e-3, 1.0, 1, 0.05)
     # the largest of 24 gaps must clear the corrected bound
-    assert not k_search.significant_gap(2.5, 1.0, 24) and k_search.significant_gap(z24 + 1e-3, 1.0, 24)
-    assert not k_search.significant_gap(-5.0, 1.0, 1)
+    assert not k_search.significant_gap(2.5, 1.0, 24, 0.05) and k_search.significant_gap(z24 + 1e-3, 1.0, 24, 0.05)
+    assert not k_search.significant_gap(-5.0, 1.0, 1, 0.05)
+    assert Config().k_search.level == 0.05
 
 
 def test_k_range_is_respected_and_scores_have_every_criterion():
     u, nouns, _ = _blobs(k=6)
-    ks = estimate_k(u, nouns, (8, 12), points=4, rounds=2)
+    ks = estimate_k(u, nouns, (8, 12), _search(points=4, rounds=2))
     tried = [s["k"] for s in ks.scores]
     assert tried == k_grid(8, 12, 4) and tried[0] == 8 and tried[-1] == 12
     assert 8 <= ks.k <= 12
@@ -80,7 +87,7 @@ def test_k_range_is_respected_and_scores_have_every_criterion():
     assert ks.sample == u.shape[0] and ks.seconds > 0
     assert "cross_modal_gap" in ks.table() and isinstance(ks.to_dict()["scores"], list)
     # a single-K range tries that K only
-    one = estimate_k(u, nouns, (5, 5), rounds=1)
+    one = estimate_k(u, nouns, (5, 5), _search(rounds=1))
     assert one.k == 5 and [s["k"] for s in one.scores] == [5]
 
 
@@ -100,7 +107,6 @@ def _shared_parts(k=5, n=1500, d=24, seed=0):
 def test_each_k_scores_its_best_candidate_partition(monkeypatch):
     """k-means of v alone spends clusters on the shared-part piles and merges concepts at
     the true K; the joint candidate keeps the concepts, so it is the one K = 5 scores."""
-    from semclust.config import Config
     from semclust.metrics import cluster_accuracy
 
     u, v, y = _shared_parts()
@@ -140,7 +146,6 @@ def test_the_tree_keeps_small_classes_that_k_means_merges(seed):
     """At the true K, k-means (either space) splits the large concepts by their sub-concepts
     and merges the small ones; the average-linkage tree of v cut at K keeps them, and it is
     the candidate K scores."""
-    from semclust.config import Config
     from semclust.metrics import cluster_accuracy
 
     u, v, y = _long_tail(seed=seed)
@@ -160,8 +165,8 @@ def test_the_tree_keeps_small_classes_that_k_means_merges(seed):
 
 
 def test_the_tree_on_a_subset_places_every_other_row():
-    """Beyond TREE_ROWS the tree is built on a random subset; every other row joins the cut
-    cluster of highest mean cosine, and the tree's own rows keep their cut labels."""
+    """Beyond k_search.tree_rows the tree is built on a random subset; every other row joins
+    the cut cluster of highest mean cosine, and the tree's own rows keep their cut labels."""
     from semclust.metrics import cluster_accuracy
 
     u, v, y = _long_tail(seed=1)
@@ -181,7 +186,6 @@ def test_the_tree_on_a_subset_places_every_other_row():
 def test_a_tree_cut_that_cannot_make_k_clusters_is_skipped():
     """Tied merge heights (duplicate rows): no cut of two distinct points makes 3 clusters;
     that K is scored on the k-means candidates alone."""
-    from semclust.config import Config
 
     v = F.normalize(torch.tensor([[1.0, 0.0]] * 6 + [[0.0, 1.0]] * 6), dim=1)
     ids = torch.arange(12)
@@ -197,7 +201,6 @@ def test_a_cut_that_isolates_outliers_is_not_scored():
     {bulk, outlier, outlier}, whose far-off clusters give every bulk row inflated margins
     (it would score 0.58 against k-means's 0.39 on the lobes). An outlier's cluster has no
     image centre or no silhouette, so K = 3 is scored on the k-means candidates."""
-    from semclust.config import Config
 
     g = torch.Generator().manual_seed(0)
     e = torch.eye(8)
@@ -291,7 +294,7 @@ def test_grid_is_geometric_distinct_and_inclusive():
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_each_criterion_chooses_its_argmax(criterion):
     u, nouns, _ = _blobs(k=5, n=300)
-    ks = estimate_k(u, nouns, (2, 10), points=5, criterion=criterion)
+    ks = estimate_k(u, nouns, (2, 10), _search(points=5, criterion=criterion))
     assert ks.k == choose(ks.scores, criterion)["k"] == max(ks.scores, key=lambda d: (d[criterion], -d["k"]))["k"]
 
 
@@ -319,18 +322,23 @@ def test_bad_inputs_error():
     bad[0, 0] = float("inf")
     with pytest.raises(ValueError, match="nouns has 1 row"):
         estimate_k(u, bad, (2, 5))
-    with pytest.raises(ValueError, match="criterion"):
-        estimate_k(u, nouns, (2, 5), criterion="cross_modal_1se")
-    with pytest.raises(ValueError, match="sample"):
-        estimate_k(u, nouns, (2, 5), sample=0)
-    with pytest.raises(ValueError, match="restarts"):
-        estimate_k(u, nouns, (2, 5), restarts=0)
+    # the search's options are checked where they are set, before any work
+    with pytest.raises(ValueError, match="k_search.criterion must be one of"):
+        _search(criterion="cross_modal_1se")
+    with pytest.raises(ValueError, match="k_search.sample must be >= 2"):
+        _search(sample=0)
+    with pytest.raises(ValueError, match="k_search.restarts must be >= 1"):
+        _search(restarts=0)
+    with pytest.raises(ValueError, match="k_search.level must be <= 1"):
+        _search(level=2.0)
+    with pytest.raises(ValueError, match="unknown keys"):
+        _search(samples=100)
 
 
 def test_deterministic_for_a_seed_and_runs_on_a_sample():
     u, nouns, _ = _blobs(k=5, n=900)
-    a = estimate_k(u, nouns, (2, 10), seed=3, sample=400, points=6)
-    b = estimate_k(u, nouns, (2, 10), seed=3, sample=400, points=6, restarts=1, draws=1)  # the defaults
+    a = estimate_k(u, nouns, (2, 10), _search(sample=400, points=6), seed=3)
+    b = estimate_k(u, nouns, (2, 10), _search(sample=400, points=6, restarts=1, draws=1), seed=3)  # the defaults
     assert a.k == b.k and a.scores == b.scores
     assert a.sample == 400  # max(sample, 20 k_max) rows of the 900
 
@@ -340,7 +348,6 @@ def test_auto_k_through_the_estimator_and_the_cli(tmp_path, capsys):
     reloads as a fixed-K model; `fit -k auto` prints the search."""
     from semclust import SemanticClusterer
     from semclust.cli import main
-    from semclust.config import Config
 
     u, nouns, _ = _blobs(k=5, n=400)
     cfg = Config()

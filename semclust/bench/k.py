@@ -7,7 +7,7 @@ stands out from the null reference (`KSearch.significant`), and seconds.
 "superclass" has 20 classes of 4 sub-classes each whose nouns name only the sub-classes:
 "ok" counts 20 only, "ok_any_level" counts 20 or 80.
 
-    python -m semclust.bench.k [--scenarios gap,k100] [--seeds 3] [--first-seed 0] [--sample 6000] [--acc] [--json out.json]
+    python -m semclust.bench.k [--scenarios gap,k100] [--seeds 3] [--first-seed 0] [--sample N] [--acc] [--json out.json]
 
 --json also keeps every run's score table (`KSearch.scores`).
 
@@ -50,13 +50,14 @@ def stage1_acc(u: torch.Tensor, nouns: torch.Tensor, y, k: int, cfg: Config, see
     return cluster_accuracy(y, r.labels.numpy())
 
 
-def run(name: str, seed: int, sample: int, rounds: int, acc: bool, restarts: int = 1, draws: int = 1) -> dict:
+def run(name: str, seed: int, acc: bool, search: Optional[dict] = None) -> dict:
+    """One scenario and seed; `search`: options of the `k_search` config section to change."""
     data = make_scenario(name, seed)
     u = F.normalize(data.embeddings.float(), dim=1)
     nouns = data.noun_embeddings.float()
-    cfg = Config()
+    cfg = Config.from_dict({"k_search": search or {}})
     t = time.perf_counter()
-    ks = estimate_k(u, nouns, (2, 200), cfg, seed=seed, sample=sample, rounds=rounds, restarts=restarts, draws=draws)
+    ks = estimate_k(u, nouns, (2, 200), cfg, seed=seed)
     seconds = time.perf_counter() - t
     row = {"scenario": name, "seed": seed, "n": u.shape[0], "true_k": data.spec.k, "k": ks.k,
            "rounds": [r["k0"] for r in ks.rounds], "seconds": seconds, "sample": ks.sample,
@@ -94,20 +95,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--scenarios", default=DEFAULT, help="comma-separated names of semclust.synthetic.SCENARIOS")
     p.add_argument("--seeds", type=int, default=3, help="seeds first-seed, ..., first-seed + seeds - 1")
     p.add_argument("--first-seed", type=int, default=0, help="e.g. 3 for held-out seeds 3-5 with --seeds 3")
-    p.add_argument("--sample", type=int, default=6000)
-    p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--restarts", type=int, default=1, help="k-means restarts per K and draw (estimate_k's default)")
-    p.add_argument("--draws", type=int, default=1, help="k-means seeds and null references per K (estimate_k's default)")
+    # the search's options: unset, the k_search config section's defaults
+    for name, what in (("sample", "rows searched"), ("rounds", "counterpart rebuilds"),
+                       ("restarts", "k-means restarts per K and draw"),
+                       ("draws", "k-means seeds and null references per K")):
+        p.add_argument(f"--{name}", type=int, help=f"{what} (default: the k_search config section's)")
     p.add_argument("--acc", action="store_true", help="also stage-1 ACC at the estimate and at the true K")
     p.add_argument("--quick", action="store_true", help="the balanced scenario, one seed (a smoke run)")
     p.add_argument("--json")
     a = p.parse_args(argv)
     if a.quick:
         a.scenarios, a.seeds = "balanced", 1
+    search = {key: getattr(a, key) for key in ("sample", "rounds", "restarts", "draws") if getattr(a, key) is not None}
+    try:  # before any scenario runs
+        Config.from_dict({"k_search": search})
+    except (TypeError, ValueError) as e:
+        p.error(str(e))
     rows = []
     for name in a.scenarios.split(","):
         for seed in range(a.first_seed, a.first_seed + a.seeds):
-            rows.append(run(name, seed, a.sample, a.rounds, a.acc, a.restarts, a.draws))
+            rows.append(run(name, seed, a.acc, search))
             print(json.dumps({c: x for c, x in rows[-1].items() if c != "scores"}), flush=True)
     print(table(rows))
     if a.json:

@@ -6,7 +6,7 @@ For each K of a geometric grid over `k_range`, spherical k-means (`ops.kmeans`, 
 restarts) makes the candidate partitions (`PARTITIONS`, see "Partitions" below) of a row
 sample, whose text counterparts v are built as a fit builds them
 (`counterparts.select_nouns` + `counterparts.text_counterparts`, on the sample). The
-sample is split into disjoint halves F and E (E capped at `eval_rows`); per held-out row
+sample is split into disjoint halves F and E (E capped at `k_search.eval_rows`); per held-out row
 i in E:
 
 * s_i, the cosine silhouette of row i in v, within E (text side: is its cluster compact
@@ -70,8 +70,8 @@ adds too.
   partition at any K there (0.155 against at most 0.145), so the partition, not the score,
   held the estimate down. Average linkage joins the two groups of least *mean* pairwise
   distance whatever their sizes, so a compact small class stays apart until late: the
-  same cut at K = 10 has ACC 0.90 (one tree of S rows, `TREE_ROWS` at most, serves every
-  K; the rest of the sample joins the cluster of highest mean cosine, the linkage's own
+  same cut at K = 10 has ACC 0.90 (one tree of S rows, `k_search.tree_rows` at most, serves
+  every K; the rest of the sample joins the cluster of highest mean cosine, the linkage's own
   distance). The tree of the joint space was also tried: it never scored best.
 * A cut first isolates what lies farthest, outlier rows and then small distinct groups,
   beside one bulk, and the silhouette's known flaw follows: beside a far-off cluster every
@@ -130,10 +130,10 @@ stands out from the null reference.
 The measurements below were made with the partitions of v alone, before the joint and
 tree candidates.
 
-`draws` = B > 1 averages each K's score over B k-means seeds and B null references (the
+`k_search.draws` = B > 1 averages each K's score over B k-means seeds and B null references (the
 gap statistic's B): B = 3 gave 13 / 16 of 18 on seeds 0-2 but 11 / 14 on seeds 3-5, no
 better than B = 1 at three times the cost, so the default is 1. Three k-means restarts
-per K (best objective) instead of one: 11 / 12 on seeds 0-2, so `restarts` stays 1.
+per K (best objective) instead of one: 11 / 12 on seeds 0-2, so `k_search.restarts` stays 1.
 
 Rejected (same 18 runs, within +-20% of the true K / also counting superclass's 80; the
 partitions of one k-means restart per K): the raw cross_modal 10 / 13 (and 9 / 10 with
@@ -186,16 +186,16 @@ argmax 90 and 164 for a true 10 on longtail100 seed 1 and balanced seed 1 (tried
 Rounds. The noun pool depends on a provisional K (`select_nouns` keeps the nouns near K
 image centres). The search builds it at k0 = k_max: the nouns near k_max image centres
 cover those of any coarser partition, so no K of the range is favoured by the
-vocabulary. `rounds=2` rebuilds the counterparts at k0 = the first estimate and searches
+vocabulary. `k_search.rounds` = 2 rebuilds the counterparts at k0 = the first estimate and searches
 again (stopping when the estimate does not move); measured with the raw cross_modal, that
 pulled the estimate towards the provisional K (10 of 18 runs within +-20% against 13),
 so the default is one round.
 
-Cost. Everything runs on a sample of S = min(N, max(sample, 20 k_max)) rows (6000 by
+Cost. Everything runs on a sample of S = min(N, max(`k_search.sample`, 20 k_max)) rows (6000 by
 default), so beyond reading the S sampled rows the cost does not grow with N: one k-means at
 k0 (the fit's iterations and restarts), the counterparts of the S rows and of S null rows,
 one D x D eigendecomposition, two average-linkage trees (data and null, on at most
-`TREE_ROWS` = 5000 rows: their pairwise distances by block products, 100 MB), then per K of
+`k_search.tree_rows` = 5000 rows: their distances by block products, 100 MB), then per K of
 the grid four k-means (two candidates, data and null, `restarts` each) on S rows and six
 silhouettes on the |E| <= 2000 held-out rows (from cluster sums: O(|E| K D), no [|E|, |E|]
 matrix). The k-means are most of it (26 of 30 s in a profile at D = 512, their Lloyd steps'
@@ -236,19 +236,14 @@ from torch.nn import functional as F
 
 from .. import ops
 from ..ops.validate import finite_
-from ..config import Config
+from ..config import K_CRITERIA, Config
 from . import counterparts
 
 log = logging.getLogger(__name__)
 
-CRITERIA = ("cross_modal_gap", "cross_modal", "silhouette")
+CRITERIA = K_CRITERIA  # the scores `KSearchConfig.criterion` may choose by
 # the candidate partitions of each K (see the module doc, "Partitions")
 PARTITIONS = ("text", "joint", "tree")
-# rows the average-linkage tree is built on (its pairwise distances: TREE_ROWS^2 / 2 doubles,
-# 100 MB); further sampled rows join the cluster of highest mean cosine. 5000 rather than all
-# 8000 rows of the sample's earlier default: k100's estimates and scores were the same on seeds
-# 0-5, and the search 4-5 s (a quarter) faster
-TREE_ROWS = 5000
 
 
 @dataclass
@@ -289,7 +284,7 @@ NOT_SIGNIFICANT = ("no K of the range scores significantly above the null refere
                    "tried): the images may have no cluster structure at these scales; K = {k} is only the argmax")
 
 
-def significant_gap(gap: float, se: float, tried: int, level: float = 0.05) -> bool:
+def significant_gap(gap: float, se: float, tried: int, level: float) -> bool:
     """Whether a gap stands above zero at `level`, one-sided, Bonferroni-corrected over the
     `tried` K (the estimate is the largest of `tried` gaps, so a single-K test would pass
     by chance). `se` is the held-out rows' standard error: it leaves out the k-means and
@@ -394,8 +389,8 @@ def _cosine_distances(x: Tensor, block: int = 1024) -> np.ndarray:
 
 
 def _average_tree(v: Tensor, ids: Tensor) -> np.ndarray:
-    """The average-linkage (UPGMA) tree of the rows `ids` of v (at most `TREE_ROWS`, a random
-    subset) under the cosine distance, as scipy's linkage matrix (`_cut` cuts it at any K)."""
+    """The average-linkage (UPGMA) tree of the rows `ids` of v (at most `k_search.tree_rows`, a
+    random subset) under the cosine distance, as scipy's linkage matrix (`_cut` cuts it at any K)."""
     return linkage(_cosine_distances(v[ids]), method="average")
 
 
@@ -480,14 +475,6 @@ def estimate_k(
     k_range: Sequence[int] = (2, 200),
     cfg: Optional[Config] = None,
     seed: int = 0,
-    sample: int = 6000,
-    *,
-    points: int = 24,
-    rounds: int = 1,
-    restarts: int = 1,
-    eval_rows: int = 2000,
-    criterion: str = "cross_modal_gap",
-    draws: int = 1,
 ) -> KSearch:
     """Estimate the number of clusters of the images u (see the module doc).
 
@@ -496,16 +483,11 @@ def estimate_k(
             sampled rows are read).
         nouns: [W, D] unit noun embeddings (the vocabulary a fit would use).
         k_range: (k_min, k_max), 2 <= k_min <= k_max <= N, both tried.
-        cfg: the fit's Config (its semantic-space, counterpart and chunk settings).
+        cfg: the fit's Config: its semantic-space, counterpart and chunk settings, and the
+            search's own (`cfg.k_search`: the criterion, sample, grid points, held-out
+            rows, tree rows, rounds, restarts, draws and significance level).
         seed: the sample, split, k-means seeds (seed, ..., seed + draws - 1) and null
             draws; the result is deterministic for it.
-        sample: rows to search on (at least 20 k_max, at most N).
-        points: K values on the geometric grid.  rounds: counterpart rebuilds (>= 1; see
-            the module doc).  restarts: k-means restarts per K and draw (see the module
-            doc).  draws: B, the k-means seeds and null references each K's scores
-            average over (see the module doc).
-        eval_rows: held-out rows scored per K (silhouette is O(eval_rows^2 K)).
-        criterion: which score chooses K, one of `CRITERIA`.
     Returns:
         KSearch(k, criterion, scores = one dict per K of the last round, rounds, sample,
         seconds, at_range_end: k is k_max, or k_min > 2: widen k_range and search again;
@@ -519,17 +501,13 @@ def estimate_k(
     if not isinstance(nouns, Tensor) or nouns.ndim != 2 or nouns.shape[1] != u.shape[1] or nouns.shape[0] < 1:
         raise ValueError(f"nouns must be a [W, {u.shape[1]}] tensor (the images' dimension), "
                          f"got {getattr(nouns, 'shape', type(nouns).__name__)}")
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-    for name, value, low in (("sample", sample, 2), ("points", points, 1), ("rounds", rounds, 1),
-                             ("restarts", restarts, 1), ("eval_rows", eval_rows, 2), ("draws", draws, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    ksc = cfg.k_search  # its fields were checked when set
+    criterion, restarts, draws = ksc.criterion, ksc.restarts, ksc.draws
     n = u.shape[0]
     lo, hi = _check_range(k_range, n)
 
     # the row sample: sorted ids, so a memory-mapped u is read front to back
-    s = min(n, max(sample, 20 * hi))
+    s = min(n, max(ksc.sample, 20 * hi))
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randperm(n, generator=gen)[:s].sort().values if s < n else torch.arange(n)
     # the rows read (a NaN would surface as a failed eigendecomposition of the null's covariance)
@@ -541,12 +519,12 @@ def estimate_k(
     # disjoint halves: k-means sees all S rows; image centres from `fit`, scores on `ev`
     perm = torch.randperm(s, generator=gen).to(us.device)
     half = s // 2
-    fit, ev = perm[:half], perm[half : half + min(eval_rows, s - half)]
+    fit, ev = perm[:half], perm[half : half + min(ksc.eval_rows, s - half)]
     null_us = [_reference_images(us, gen) for _ in range(draws)]  # B null references, drawn once for all K
-    grid = k_grid(lo, hi, points)
+    grid = k_grid(lo, hi, ksc.points)
 
     k0, out_rounds, scores, k = hi, [], [], hi
-    for r in range(rounds):
+    for r in range(ksc.rounds):
         tr = time.perf_counter()
         space = counterparts.select_nouns(us, ns, min(k0, s), cfg.semantic, seed=seed, chunks=cfg.chunks)
         bank = space.bank(ns)
@@ -555,7 +533,7 @@ def estimate_k(
         # alone make of the score, the reference makes too
         null_vs = [counterparts.text_counterparts(x, bank, cfg.counterparts, cfg.chunks).float() for x in null_us]
         # one tree per space serves every K (a cut is a lookup)
-        tree_ids = perm[:TREE_ROWS]
+        tree_ids = perm[: ksc.tree_rows]
         tree, null_trees = _average_tree(v, tree_ids), [_average_tree(y, tree_ids) for y in null_vs]
         # and one joint space per side ([S, 2D]: made once, not per K)
         joint, null_joints = _joint_space(us, v), [_joint_space(x, y) for x, y in zip(null_us, null_vs)]
@@ -591,7 +569,7 @@ def estimate_k(
     if at_end:
         log.warning("k search: the estimate %d is an end of k_range (%d, %d); the best K may lie beyond it", k, lo, hi)
     at = next(r for r in scores if r["k"] == k)
-    significant = significant_gap(at["cross_modal_gap"], at["gap_se"], len(scores))
+    significant = significant_gap(at["cross_modal_gap"], at["gap_se"], len(scores), ksc.level)
     if not significant:
         log.warning("k search: %s", NOT_SIGNIFICANT.format(k=k))
     return KSearch(k=k, criterion=criterion, scores=scores, rounds=out_rounds, sample=int(s),
