@@ -118,14 +118,14 @@ of the sample each, count for less than that loss. Weighting rows by |cluster|^-
 a = 0.5 13 / 11 (k100 seed 4 at 73, longtail100 no better), a = 1 (per-cluster mean) 9 / 9.
 
 Significance. The estimate is the argmax of the gaps, which exists whatever the data;
-`KSearch.significant` says whether its gap passes a one-sided z-test against 0 at 5%,
-Bonferroni-corrected over the K tried (`significant_gap`; 2.87 standard errors for 24 K).
-The standard error is the held-out rows' only (not the k-means or null-draw noise), so the
-test is lenient: on images without clusters (one Gaussian or one blob, 600-3000 rows, 12 K,
-18 runs; 2026-12-07) it flagged 15 of 18, the others' gaps at 2.7-4.3 standard errors; the
-36 runs of the six scenarios (seeds 0-5) stand 17-42 standard errors out (`bench.k`'s
-"significant"). A failed test is logged and printed under the CLI's table: no K of the range
-stands out from the null reference.
+`KSearch.significant` says whether its gap passes a one-sided z-test against 0 at 5%
+(`k_search.level`), Bonferroni-corrected over the K tried (`significant_gap`; 2.87 standard
+errors for 24 K). The standard error is the held-out rows' only (not the k-means or
+null-draw noise), so the test is lenient: on images without clusters (one Gaussian or one
+blob, 600-3000 rows, 12 K, 18 runs; 2026-12-07) it flagged 15 of 18, the others' gaps at
+2.7-4.3 standard errors; the 36 runs of the six scenarios (seeds 0-5) stand 17-42 standard
+errors out (`bench.k`'s "significant"). A failed test is logged and printed under the CLI's
+table: no K of the range stands out from the null reference.
 
 The measurements below were made with the partitions of v alone, before the joint and
 tree candidates.
@@ -211,8 +211,8 @@ D = 512 by an orthogonal map (the same cosines; the search found the same K):
 * k100 (10^4 rows): 8.4 s against 5.1 s, 1.7 fits; at D = 512 24.1-27.8 s against 8.1-8.9 s,
   2.96-3.16 fits in three runs, the issue's ~3. Before this measurement the search took
   38.5 s there (4.8 fits): scipy's `pdist` computed each of the trees' 12.5M dot products
-  alone (6.3 s; block products: 0.9 s, the same distances to 1e-16, every estimate of the
-  36 bench runs unchanged), the joint space was rebuilt per K (1.4 s), and the sample had
+  alone (6.3 s; block products: 0.9 s, the same distances to 1e-16, the 30 runs of the
+  5000-row scenarios bit-identical), the joint space was rebuilt per K (1.4 s), and the sample had
   8000 rows (6000: -20% of the k-means; the 5000-row scenarios sample all their rows either
   way, k100 found 90 on all six seeds, one of which had found 110).
 * 100k and 1M rows of D = 512 (the scale bench's store, `bench.scale`; fp16, memory-mapped,
@@ -235,8 +235,8 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .. import ops
-from ..ops.validate import finite_
 from ..config import K_CRITERIA, Config
+from ..ops.validate import finite_
 from . import counterparts
 
 log = logging.getLogger(__name__)
@@ -259,8 +259,8 @@ class KSearch:
     seconds: float = 0.0
     # the chosen K is an end of k_range (other than 2): the best K may lie beyond it, widen the range
     at_range_end: bool = False
-    # the chosen K's gap stands above its null reference at the 5% level, Bonferroni over the K
-    # tried (`significant_gap`); False: no K of the range shows cluster structure the null lacks
+    # the chosen K's gap stands above its null reference at `k_search.level`, Bonferroni over the
+    # K tried (`significant_gap`); False: no K of the range shows cluster structure the null lacks
     significant: bool = True
 
     def to_dict(self) -> dict:
@@ -280,8 +280,9 @@ class KSearch:
         return "\n".join(lines)
 
 
-NOT_SIGNIFICANT = ("no K of the range scores significantly above the null reference (5%, Bonferroni over the K "
-                   "tried): the images may have no cluster structure at these scales; K = {k} is only the argmax")
+NOT_SIGNIFICANT = ("no K of the range scores significantly above the null reference (at k_search.level, Bonferroni "
+                   "over the K tried): the images may have no cluster structure at these scales; K = {k} is only "
+                   "the argmax")
 
 
 def significant_gap(gap: float, se: float, tried: int, level: float) -> bool:
@@ -289,7 +290,7 @@ def significant_gap(gap: float, se: float, tried: int, level: float) -> bool:
     `tried` K (the estimate is the largest of `tried` gaps, so a single-K test would pass
     by chance). `se` is the held-out rows' standard error: it leaves out the k-means and
     null-draw noise, so the test is lenient, and failing it is a strong sign that nothing
-    stands out (images from one Gaussian: 0.8-1.9 SE at the argmax over 11 K)."""
+    stands out (module doc, "Significance")."""
     return bool(gap > norm.isf(level / max(1, tried)) * se)
 
 
