@@ -123,7 +123,7 @@ Significance. The estimate is the argmax of the gaps, which exists whatever the 
 errors for 24 K). The standard error is the held-out rows' only (not the k-means or
 null-draw noise), so the test is lenient: on images without clusters (one Gaussian or one
 blob, 600-3000 rows, 12 K, 18 runs; 2026-12-07) it flagged 15 of 18, the others' gaps at
-2.7-4.3 standard errors; the 36 runs of the six scenarios (seeds 0-5) stand 17-42 standard
+2.7-4.3 standard errors; the 36 runs of the six scenarios (seeds 0-5) stand 16-42 standard
 errors out (`bench.k`'s "significant"). A failed test is logged and printed under the CLI's
 table: no K of the range stands out from the null reference.
 
