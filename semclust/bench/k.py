@@ -7,9 +7,17 @@ stands out from the null reference (`KSearch.significant`), and seconds.
 "superclass" has 20 classes of 4 sub-classes each whose nouns name only the sub-classes:
 "ok" counts 20 only, "ok_any_level" counts 20 or 80.
 
-    python -m semclust.bench.k [--scenarios gap,k100] [--seeds 3] [--first-seed 0] [--sample N] [--acc] [--json out.json]
+    python -m semclust.bench.k [--scenarios gap,k100] [--seeds 3] [--first-seed 0] [--sample N] [--acc]
+                               [--dim 512] [--json out.json]
+    python -m semclust.bench.k --scale-rows 100000 1000000 [--workdir DIR]
 
 --json also keeps every run's score table (`KSearch.scores`).
+
+The scenarios have D = 64; CLIP's features have 512 or 768, and the search's cost grows with
+D (its k-means are most of it). --dim D turns each scenario into D dimensions by an
+orthogonal map: the same cosines, so the same estimate up to rounding, at that width's cost.
+--scale-rows times the search alone (no true K) on `bench.scale`'s synthetic store of N rows
+(D = 512, fp16, memory-mapped as a fit reads it; written once under --workdir).
 
 With --acc, also stage-1 ACC (`method.stage1.train_stage1`, the default Config, on all
 rows) at the estimate and at the true K, and the seconds of that fit at the true K
@@ -20,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -50,16 +60,28 @@ def stage1_acc(u: torch.Tensor, nouns: torch.Tensor, y, k: int, cfg: Config, see
     return cluster_accuracy(y, r.labels.numpy())
 
 
-def run(name: str, seed: int, acc: bool, search: Optional[dict] = None) -> dict:
-    """One scenario and seed; `search`: options of the `k_search` config section to change."""
+def widen(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Unit rows x [n, d] mapped into `dim` >= d dimensions by one fixed matrix with
+    orthonormal columns: every cosine is kept."""
+    if dim < x.shape[1]:
+        raise ValueError(f"dim must be at least the rows' {x.shape[1]} dimensions to keep their cosines, got {dim}")
+    q, _ = torch.linalg.qr(torch.randn(dim, x.shape[1], generator=torch.Generator().manual_seed(0), dtype=x.dtype))
+    return F.normalize(x @ q.T, dim=1)
+
+
+def run(name: str, seed: int, acc: bool, search: Optional[dict] = None, dim: Optional[int] = None) -> dict:
+    """One scenario and seed; `search`: options of the `k_search` config section to change;
+    `dim`: the width to turn the scenario into (`widen`)."""
     data = make_scenario(name, seed)
     u = F.normalize(data.embeddings.float(), dim=1)
     nouns = data.noun_embeddings.float()
+    if dim is not None:
+        u, nouns = widen(u, dim), widen(nouns, dim)
     cfg = Config.from_dict({"k_search": search or {}})
     t = time.perf_counter()
     ks = estimate_k(u, nouns, (2, 200), cfg, seed=seed)
     seconds = time.perf_counter() - t
-    row = {"scenario": name, "seed": seed, "n": u.shape[0], "true_k": data.spec.k, "k": ks.k,
+    row = {"scenario": name, "seed": seed, "n": u.shape[0], "dim": u.shape[1], "true_k": data.spec.k, "k": ks.k,
            "rounds": [r["k0"] for r in ks.rounds], "seconds": seconds, "sample": ks.sample,
            "ok": within(data.spec.k, ks.k), "significant": ks.significant,
            "ok_any_level": any(within(t, ks.k) for t in LEVELS.get(name, (data.spec.k,)))}
@@ -74,8 +96,27 @@ def run(name: str, seed: int, acc: bool, search: Optional[dict] = None) -> dict:
     return row
 
 
+def scale_run(n: int, workdir: Path, search: Optional[dict] = None) -> dict:
+    """The search alone on `bench.scale`'s synthetic store of n rows (D = 512, 1000 latent
+    centres, its 20,000-noun bank), read as a fit reads it: memory-mapped fp16 rows."""
+    from semclust.bench.scale import make_store, noun_bank
+    from semclust.inputs.store import open_store
+    from semclust.pipeline import store_rows
+    from semclust.runtime.workspace import Workspace
+
+    store = open_store(make_store(workdir / f"store-{n}", n), verify=False)
+    cfg = Config.from_dict({"k_search": search or {}})
+    with Workspace(workdir / f"k-search-{n}", "k-search", fresh=True) as ws:
+        u = store_rows(store, ws, cfg, progress=False)
+        t = time.perf_counter()
+        ks = estimate_k(u, noun_bank(), (2, 200), cfg, seed=0)
+        seconds = time.perf_counter() - t
+    return {"store_rows": n, "dim": u.shape[1], "k": ks.k, "sample": ks.sample, "significant": ks.significant,
+            "seconds": seconds, "scores": ks.scores}
+
+
 def table(rows: list[dict]) -> str:
-    cols = ["scenario", "seed", "n", "true_k", "k", *CRITERIA, "ok", "ok_any_level", "significant", "seconds"]
+    cols = ["scenario", "seed", "n", "dim", "true_k", "k", *CRITERIA, "ok", "ok_any_level", "significant", "seconds"]
     if rows and "acc_at_estimate" in rows[0]:
         cols += ["acc_at_estimate", "acc_at_true_k", "fit_seconds"]
     out = ["  ".join(f"{c:>17s}" for c in cols)]
@@ -102,21 +143,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.add_argument(f"--{name}", type=int, help=f"{what} (default: the k_search config section's)")
     p.add_argument("--acc", action="store_true", help="also stage-1 ACC at the estimate and at the true K")
     p.add_argument("--quick", action="store_true", help="the balanced scenario, one seed (a smoke run)")
+    p.add_argument("--dim", type=int, help="turn each scenario into this many dimensions (>= its 64) by an "
+                                           "orthogonal map: the search's cost at CLIP's width")
+    p.add_argument("--scale-rows", type=int, nargs="+", metavar="N",
+                   help="instead of the scenarios: the search alone on bench.scale's store of N rows (D = 512)")
+    p.add_argument("--workdir", default=os.environ.get("SEMCLUST_BENCH_DIR", "bench-scale-data"),
+                   help="where --scale-rows writes its stores (once) and workspaces (bench.scale's default)")
     p.add_argument("--json")
     a = p.parse_args(argv)
     if a.quick:
         a.scenarios, a.seeds = "balanced", 1
+    if a.dim is not None and a.dim < 1:
+        p.error(f"--dim must be >= 1, got {a.dim}")
     search = {key: getattr(a, key) for key in ("sample", "rounds", "restarts", "draws") if getattr(a, key) is not None}
     try:  # before any scenario runs
         Config.from_dict({"k_search": search})
     except (TypeError, ValueError) as e:
         p.error(str(e))
-    rows = []
-    for name in a.scenarios.split(","):
-        for seed in range(a.first_seed, a.first_seed + a.seeds):
-            rows.append(run(name, seed, a.acc, search))
-            print(json.dumps({c: x for c, x in rows[-1].items() if c != "scores"}), flush=True)
-    print(table(rows))
+    if a.scale_rows:
+        rows = [scale_run(n, Path(a.workdir), search) for n in a.scale_rows]
+        for r in rows:
+            print(json.dumps({c: x for c, x in r.items() if c != "scores"}), flush=True)
+    else:
+        rows = []
+        for name in a.scenarios.split(","):
+            for seed in range(a.first_seed, a.first_seed + a.seeds):
+                rows.append(run(name, seed, a.acc, search, a.dim))
+                print(json.dumps({c: x for c, x in rows[-1].items() if c != "scores"}), flush=True)
+        print(table(rows))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
