@@ -201,22 +201,23 @@ silhouettes on the |E| <= 2000 held-out rows (from cluster sums: O(|E| K D), no 
 matrix). The k-means are most of it (26 of 30 s in a profile at D = 512, their Lloyd steps'
 products with the centres 17 s, at the speed of torch's matmul), so the cost grows with D.
 
-Measured alone on the 2-core machine (two threads, 2026-12-07). The scenarios have D = 64;
-CLIP's features have 512 (ViT-B/32) or 768, so each scenario was also measured turned into
-D = 512 by an orthogonal map (the same cosines; the search found the same K):
+Measured alone on the 2-core machine (two threads, 2026-12-07; `bench.k --acc`, its `--dim`
+and `--scale-rows`; ranges over 2-3 runs). The scenarios have D = 64; CLIP's features have
+512 (ViT-B/32) or 768, so each scenario was also measured turned into D = 512 by an orthogonal
+map (the same cosines; the search found the same K):
 
-* gap (5000 rows, all sampled): 6.5-6.9 s against 8.2-9.9 s for a fit at the true K
-  (counterparts, kNN, stage 1), 0.7-0.8 fits; at D = 512 17.6-20.6 s against 13.5-15.0 s,
+* gap (5000 rows, all sampled): 6.5-7.6 s against 5.9-9.9 s for a fit at the true K
+  (counterparts, kNN, stage 1), 0.7-1.3 fits; at D = 512 17.6-20.6 s against 13.5-15.0 s,
   1.2-1.5 fits.
-* k100 (10^4 rows): 8.4 s against 5.1 s, 1.7 fits; at D = 512 24.1-27.8 s against 8.1-8.9 s,
-  2.96-3.16 fits in three runs, the issue's ~3. Before this measurement the search took
+* k100 (10^4 rows): 8.4-9.3 s against 3.2-5.1 s, 1.7-2.9 fits; at D = 512 24.1-27.8 s against
+  8.1-9.3 s, 2.8-3.2 fits in four runs, the issue's ~3. Before this measurement the search took
   38.5 s there (4.8 fits): scipy's `pdist` computed each of the trees' 12.5M dot products
   alone (6.3 s; block products: 0.9 s, the same distances to 1e-16, the 30 runs of the
   5000-row scenarios bit-identical), the joint space was rebuilt per K (1.4 s), and the sample had
   8000 rows (6000: -20% of the k-means; the 5000-row scenarios sample all their rows either
   way, k100 found 90 on all six seeds, one of which had found 110).
 * 100k and 1M rows of D = 512 (the scale bench's store, `bench.scale`; fp16, memory-mapped,
-  k_range (2, 200)): 23.5 s and 26.0 s (39.6 s at 100k before), against 3.4 min and 17.9 min
+  k_range (2, 200)): 23.5-25.2 s and 24.4-26.0 s (39.6 s at 100k before), against 3.4 and 17.9 min
   for a fit at K = 100 (README "Millions of images"): 0.12 and 0.02 fits.
 """
 
@@ -546,7 +547,8 @@ def estimate_k(
             # draw d: k-means seed seed + d on the data and on null reference d; averaging
             # over draws takes out most of one k-means run's luck (the score of a single
             # run moves by more than the differences between neighbouring K)
-            real = [_cross_modal(us, v, kk, fit, ev, cfg, seed + d, restarts, tree, tree_ids, joint) for d in range(draws)]
+            real = [_cross_modal(us, v, kk, fit, ev, cfg, seed + d, restarts, tree, tree_ids, joint)
+                    for d in range(draws)]
             null = [_cross_modal(x, y, kk, fit, ev, cfg, seed + d, restarts, t, tree_ids, j)
                     for d, (x, y, t, j) in enumerate(zip(null_us, null_vs, null_trees, null_joints))]
 
