@@ -111,7 +111,8 @@ class SemanticClusterer:
             place each row in most, less the same score on a structureless null reference
             (a gap statistic), on a row sample; the scores of every K tried are in
             ``history_["k_search"]``, with ``significant``: False, and a logged warning,
-            when no K stands out from the null); the K used is ``n_clusters_``.
+            when no K stands out from the null, and ``unscorable``: the K the sample holds too
+            few distinct images for); the K used is ``n_clusters_``.
         k_range: (k_min, k_max) searched when n_clusters="auto".
         clip: an open_clip model name, a model-config .json, or an encoder object with
             ``image_features``, ``tail_parameters`` and ``view_transform`` (see stage2).

@@ -184,16 +184,33 @@ def test_the_tree_on_a_subset_places_every_other_row():
 
 
 def test_a_tree_cut_that_cannot_make_k_clusters_is_skipped():
-    """Tied merge heights (duplicate rows): no cut of two distinct points makes 3 clusters;
-    that K is scored on the k-means candidates alone."""
+    """Tied merge heights (duplicate rows): no cut of two distinct points makes 3 clusters,
+    and k-means leaves a cluster empty, so K = 3 cannot be scored at all."""
 
     v = F.normalize(torch.tensor([[1.0, 0.0]] * 6 + [[0.0, 1.0]] * 6), dim=1)
     ids = torch.arange(12)
     tree = k_search._average_tree(v, ids)
     assert k_search._cut(tree, ids, v, 3, 64) is None
     assert int(k_search._cut(tree, ids, v, 2, 64).max()) == 1
-    r = k_search._cross_modal(v, v, 3, ids[::2], ids[1::2], Config(), 0, 1, tree, ids)
-    assert r["partition"] in ("text", "joint")
+    assert k_search._cross_modal(v, v, 3, ids[::2], ids[1::2], Config(), 0, 1, tree, ids) is None
+    assert k_search._cross_modal(v, v, 2, ids[::2], ids[1::2], Config(), 0, 1, tree, ids)["mean"] == 1.0
+
+
+@pytest.mark.parametrize("distinct", [2, 3])
+def test_no_k_beyond_the_distinct_images_is_scored(distinct):
+    """Rows that repeat `distinct` images: k-means at a larger K leaves clusters empty, a
+    partition of `distinct` groups that scored as if it had K (it had found K = 50 for two
+    images). Those K are left out, listed, and printed; the estimate is `distinct`."""
+    g = torch.Generator().manual_seed(distinct)
+    u = F.normalize(torch.randn(distinct, 16, generator=g), dim=1).repeat(100, 1)
+    nouns = F.normalize(torch.randn(300, 16, generator=g), dim=1)
+    ks = estimate_k(u, nouns, (2, 12), _search(points=11))
+    assert ks.k == distinct and ks.significant
+    assert [s["k"] for s in ks.scores] == list(range(2, distinct + 1))
+    assert ks.unscorable == list(range(distinct + 1, 13))
+    assert f"not scored: K = {distinct + 1}, " in ks.table()
+    with pytest.raises(ValueError, match="hold fewer than 2 distinct images"):
+        estimate_k(u[:1].repeat(200, 1), nouns, (2, 12), _search(points=11))
 
 
 def test_a_cut_that_isolates_outliers_is_not_scored():

@@ -83,6 +83,12 @@ adds too.
   most of the rows; k-means clusters, regions around centres, are never bulk + fragments.
   For the same reason a row whose every other cluster lacks fit rows has image margin 0, as
   a singleton has silhouette 0.
+* A k-means partition with an empty cluster is not scored either: k-means re-seeds empty
+  clusters, so one is left only where the rows hold fewer than K distinct points, and its
+  fewer groups would score as if they were K (two distinct images repeated 100 times each
+  scored 1.0 at every K and the search chose K = 50 of (2, 50)). A K that no candidate makes
+  into K non-empty clusters, on the data or its null, is left out of the choice and listed
+  (`KSearch.unscorable`); with none left the search raises.
 
 The objective reported per K is v's k-means objective (the one comparable across K);
 `partition` says which candidate scored.
@@ -263,6 +269,9 @@ class KSearch:
     # the chosen K's gap stands above its null reference at `k_search.level`, Bonferroni over the
     # K tried (`significant_gap`); False: no K of the range shows cluster structure the null lacks
     significant: bool = True
+    # the K of the grid (last round) that no partition of the sample makes into K non-empty
+    # clusters, on the data or its null reference: left out of `scores` and of the choice
+    unscorable: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -276,11 +285,14 @@ class KSearch:
             mark = " *" if s["k"] == self.k else ""
             lines.append(" ".join(f"{s[c]:16.4f}" if i else f"{s[c]:5d}" for i, c in enumerate(keys))
                          + f" {s.get('partition', '-'):>9s}" + mark)
+        if self.unscorable:
+            lines.append(f"not scored: K = {', '.join(map(str, self.unscorable))}: {UNSCORABLE}")
         if not self.significant:
             lines.append(NOT_SIGNIFICANT.format(k=self.k))
         return "\n".join(lines)
 
 
+UNSCORABLE = "no partition of the sample into that many clusters leaves every cluster non-empty (too few distinct images)"
 NOT_SIGNIFICANT = ("no K of the range scores significantly above the null reference (at k_search.level, Bonferroni "
                    "over the K tried): the images may have no cluster structure at these scales; K = {k} is only "
                    "the argmax")
@@ -428,12 +440,13 @@ def _k_groups(labels: Tensor, k: int, fit: Tensor, ev: Tensor) -> bool:
 
 def _cross_modal(u: Tensor, v: Tensor, k: int, fit: Tensor, ev: Tensor, cfg: Config, seed: int,
                  restarts: int, tree: Optional[np.ndarray] = None, tree_ids: Optional[Tensor] = None,
-                 joint: Optional[Tensor] = None) -> dict:
+                 joint: Optional[Tensor] = None) -> Optional[dict]:
     """The best of the candidate partitions (`PARTITIONS`: k-means of the counterparts v,
     k-means of the joint space (`joint`, made here if not given), and v's average-linkage
     `tree` cut at k, when given) into k clusters, scored on the held-out rows `ev`: the
     per-row product of the text silhouette and the (clipped) image margin, its mean,
-    standard error and parts, and which candidate it was."""
+    standard error and parts, and which candidate it was. None when no candidate has k
+    non-empty clusters (the rows hold fewer than k distinct points): k cannot be scored."""
     best, objective = None, None
     for name in PARTITIONS:
         if name == "tree":
@@ -447,6 +460,10 @@ def _cross_modal(u: Tensor, v: Tensor, k: int, fit: Tensor, ev: Tensor, cfg: Con
             labels = km.labels
             if name == "text" or objective is None:
                 objective = float(km.objective)  # the text one: the k-means objective comparable across K
+            if int(torch.bincount(labels, minlength=k).min()) == 0:
+                # an empty cluster (k-means re-seeds them, so the rows hold fewer than k distinct
+                # points): fewer than k groups, which would score as if they were k
+                continue
         s = _silhouette_rows(v[ev], labels[ev], k)
         t = _image_margin(u, labels, k, fit, ev)
         both = s * t.clamp_min(0.0)
@@ -455,7 +472,7 @@ def _cross_modal(u: Tensor, v: Tensor, k: int, fit: Tensor, ev: Tensor, cfg: Con
             # var: the squared standard error of the mean over the held-out rows
             best = {"mean": mean, "var": float(both.var()) / both.numel() if both.numel() > 1 else 0.0,
                     "silhouette": float(s.mean()), "image_silhouette": float(t.mean()), "partition": name}
-    return {**best, "objective": objective}
+    return None if best is None else {**best, "objective": objective}
 
 
 def _reference_images(u: Tensor, gen: torch.Generator) -> Tensor:
@@ -542,7 +559,7 @@ def estimate_k(
         tree, null_trees = _average_tree(v, tree_ids), [_average_tree(y, tree_ids) for y in null_vs]
         # and one joint space per side ([S, 2D]: made once, not per K)
         joint, null_joints = _joint_space(us, v), [_joint_space(x, y) for x, y in zip(null_us, null_vs)]
-        scores = []
+        scores, unscorable = [], []
         for kk in grid:
             # draw d: k-means seed seed + d on the data and on null reference d; averaging
             # over draws takes out most of one k-means run's luck (the score of a single
@@ -551,6 +568,9 @@ def estimate_k(
                     for d in range(draws)]
             null = [_cross_modal(x, y, kk, fit, ev, cfg, seed + d, restarts, t, tree_ids, j)
                     for d, (x, y, t, j) in enumerate(zip(null_us, null_vs, null_trees, null_joints))]
+            if None in real + null:
+                unscorable.append(kk)
+                continue
 
             def mean(key: str, runs: list[dict]) -> float:
                 return sum(r[key] for r in runs) / draws
@@ -563,6 +583,12 @@ def estimate_k(
                            "objective": mean("objective", real),
                            # the candidate that scored best on the data (first draw)
                            "partition": real[0]["partition"]})
+        if not scores:
+            raise ValueError(f"no K of k_range ({lo}, {hi}) can be scored: no partition of the {s} sampled images "
+                             f"into K clusters leaves every cluster non-empty (they hold fewer than {lo} distinct "
+                             f"images)")
+        if unscorable:
+            log.warning("k search: K = %s not scored: %s", ", ".join(map(str, unscorable)), UNSCORABLE)
         best = choose(scores, criterion)
         k = int(best["k"])
         out_rounds.append({"k0": int(k0), "k": k, "seconds": time.perf_counter() - tr})
@@ -579,4 +605,5 @@ def estimate_k(
     if not significant:
         log.warning("k search: %s", NOT_SIGNIFICANT.format(k=k))
     return KSearch(k=k, criterion=criterion, scores=scores, rounds=out_rounds, sample=int(s),
-                   seconds=time.perf_counter() - t0, at_range_end=at_end, significant=significant)
+                   seconds=time.perf_counter() - t0, at_range_end=at_end, significant=significant,
+                   unscorable=unscorable)
