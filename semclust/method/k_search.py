@@ -122,6 +122,20 @@ lowers the large class's margins (its nearest other cluster is close), and its o
 of the sample each, count for less than that loss. Weighting rows by |cluster|^-a to undo it
 (same harness, the three candidates): a = 0.25 13 / 14 of 18 on seeds 0-2 / 3-5 (unchanged),
 a = 0.5 13 / 11 (k100 seed 4 at 73, longtail100 no better), a = 1 (per-cluster mean) 9 / 9.
+On the true partitions themselves the score is indifferent there (the harness, with the
+search's own null scores at each K): the true classes with their m = 0-4 smallest merged
+into the nearest one by the mean of v (K = 10 down to 6) have gaps within 0.001-0.004 of
+each other on seeds 1-4 (0.092-0.093, 0.103-0.107, 0.101-0.105, 0.060-0.062; the standard
+error is 0.003), 0.056-0.068 on seed 0 (highest at K = 8) and 0.102-0.124 on seed 5 (highest at
+10). The four smallest classes, 20-93 rows and 4% of the rows together, barely move a row
+average, so which K of 6-10 wins is decided by how well the candidates partition. At K = 10
+they spend clusters on mixed groups of 30-80 rows (seed 2: gap 0.055 against the true
+partition's 0.105); with the true partition at K = 10 the search would have chosen 10 on seeds
+2, 3 and 5, and still 7 on seed 1 (so 14 of 18 on seeds 0-2). Lloyd steps from the tree's cut
+(1, 3 or 20, in v or the joint space) lowered its score at K = 10 on 5 of 6 seeds (on seed 3
+one or three steps in v raised it by 0.001). HDBSCAN (scikit-learn, min_cluster_size 10 or
+25, on v or the joint space; balanced, gap and longtail100, seeds 0-1) gave 2-67 clusters
+for a true 10, moving with that size.
 
 Significance. The estimate is the argmax of the gaps, which exists whatever the data;
 `KSearch.significant` says whether its gap passes a one-sided z-test against 0 at 5%
