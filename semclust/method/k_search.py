@@ -433,7 +433,9 @@ def _cut(tree: np.ndarray, ids: Tensor, v: Tensor, k: int, chunk: int) -> Option
         return torch.empty_like(cut).index_copy_(0, ids, cut)
     means = torch.zeros(k, v.shape[1], device=v.device).index_add_(0, cut, v[ids])
     means /= torch.bincount(cut, minlength=k)[:, None]
-    labels = torch.cat([(v[s : s + chunk] @ means.T).argmax(1) for s in range(0, v.shape[0], chunk)])
+    # the unnormalised means: x . mean is the row's mean cosine to the cluster (tau only
+    # scales the softmax, the argmax is the same)
+    labels = ops.assign(v, means, 1.0, chunk_size=chunk).labels
     return labels.index_copy_(0, ids, cut)
 
 
