@@ -530,7 +530,11 @@ def estimate_k(
         KSearch(k, criterion, scores = one dict per K of the last round, rounds, sample,
         seconds, at_range_end: k is k_max, or k_min > 2: widen k_range and search again;
         significant: the chosen K's gap passes `significant_gap`, False when no K of the
-        range stands out from the null reference).
+        range stands out from the null reference; unscorable: the K of the grid left out
+        because no partition of the sample makes K non-empty clusters).
+    Raises:
+        ValueError: bad shapes or k_range, NaN/Inf in the sampled rows or the nouns, or no
+            K of the range can be scored (the sample holds fewer than k_min distinct images).
     """
     t0 = time.perf_counter()
     cfg = cfg or Config()
