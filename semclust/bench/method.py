@@ -15,6 +15,8 @@ Per scenario and seed, all methods run on the same embeddings and nouns:
 
 Not a timed test: prints mean +- std of ACC/NMI/ARI and seconds per method and scenario.
 Stage 1's seconds are the heads' training alone (counterparts and kNN are shared phases).
+The same scenarios with K unknown (`n_clusters="auto"`: true K, estimate, ACC at each) are
+`semclust.bench.k` (`semclust bench k`).
 """
 
 from __future__ import annotations
