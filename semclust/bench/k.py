@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -37,6 +36,7 @@ import torch
 from torch.nn import functional as F
 
 from semclust import ops
+from semclust.bench import scale
 from semclust.config import Config
 from semclust.method import counterparts, stage1
 from semclust.method.k_search import CRITERIA, choose, estimate_k
@@ -99,17 +99,16 @@ def run(name: str, seed: int, acc: bool, search: Optional[dict] = None, dim: Opt
 def scale_run(n: int, workdir: Path, search: Optional[dict] = None) -> dict:
     """The search alone on `bench.scale`'s synthetic store of n rows (D = 512, 1000 latent
     centres, its 20,000-noun bank), read as a fit reads it: memory-mapped fp16 rows."""
-    from semclust.bench.scale import make_store, noun_bank
     from semclust.inputs.store import open_store
     from semclust.pipeline import store_rows
     from semclust.runtime.workspace import Workspace
 
-    store = open_store(make_store(workdir / f"store-{n}", n), verify=False)
+    store = open_store(scale.make_store(workdir / f"store-{n}", n), verify=False)
     cfg = Config.from_dict({"k_search": search or {}})
     with Workspace(workdir / f"k-search-{n}", "k-search", fresh=True) as ws:
         u = store_rows(store, ws, cfg, progress=False)
         t = time.perf_counter()
-        ks = estimate_k(u, noun_bank(), (2, 200), cfg, seed=0)
+        ks = estimate_k(u, scale.noun_bank(), (2, 200), cfg, seed=0)
         seconds = time.perf_counter() - t
     return {"store_rows": n, "dim": u.shape[1], "k": ks.k, "sample": ks.sample, "significant": ks.significant,
             "seconds": seconds, "scores": ks.scores}
@@ -147,7 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                            "orthogonal map: the search's cost at CLIP's width")
     p.add_argument("--scale-rows", type=int, nargs="+", metavar="N",
                    help="instead of the scenarios: the search alone on bench.scale's store of N rows (D = 512)")
-    p.add_argument("--workdir", default=os.environ.get("SEMCLUST_BENCH_DIR", "bench-scale-data"),
+    p.add_argument("--workdir", default=scale.WORKDIR,
                    help="where --scale-rows writes its stores (once) and workspaces (bench.scale's default)")
     p.add_argument("--json")
     a = p.parse_args(argv)

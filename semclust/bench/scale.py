@@ -47,6 +47,8 @@ DIM = 512
 LATENT = 1000
 NOUNS = 20000
 SEED = 0
+# where the stores (written once) and workspaces go, for this bench and `bench.k --scale-rows`
+WORKDIR = os.environ.get("SEMCLUST_BENCH_DIR", "bench-scale-data")
 
 
 def _latent(dim: int = DIM) -> torch.Tensor:
@@ -156,7 +158,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--n", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--k", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--quick", action="store_true", help="N = 20k, K = 100, 2 epochs: a few minutes")
-    ap.add_argument("--workdir", default=os.environ.get("SEMCLUST_BENCH_DIR", "bench-scale-data"))
+    ap.add_argument("--workdir", default=WORKDIR)
     ap.add_argument("--kmeans-iters", type=int, default=0, help="semantic-space k-means iterations (default: the config's)")
     ap.add_argument("--restarts", type=int, default=0, help="k-means restarts (default: the config's)")
     ap.add_argument("--epochs", type=int, default=0, help="stage-1 epochs (default: the config's, cluster_visits at K >= 100)")
